@@ -1,0 +1,1 @@
+"""DetCon-B self-supervised pretraining in JAX/Haiku."""

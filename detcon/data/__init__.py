@@ -1,0 +1,1 @@
+"""Input data: TFRecord schema, tf.data pipeline, demo dataset (the only TensorFlow users)."""
