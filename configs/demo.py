@@ -1,0 +1,42 @@
+"""A CPU-friendly DetCon-B demo: ResNet-18 at 96 px on the embedded scikit-image photos.
+
+Run (builds the demo dataset on first use, no download):
+  python -m detcon.main_loop --config=configs/demo.py --workdir=/tmp/detcon_demo
+Smoke run on synthetic data:
+  python -m detcon.main_loop --config=configs/demo.py --mock_data --workdir=/tmp/w --max_steps=4
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    """Loads configs/detcon_b.py beside this file (works without configs/ on sys.path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detcon_b.py")
+    spec = importlib.util.spec_from_file_location("detcon_b_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the demo config: detcon_b with a small network, image and batch."""
+    c = _base_config()
+    c.model.depth = 18
+    c.model.projector_hidden_size = 512
+    c.model.projector_output_size = 128
+    c.model.predictor_hidden_size = 512
+    c.model.num_classes = 16
+    c.data.demo = True
+    c.data.image_size = 96
+    c.data.num_train_examples = -1
+    c.data.shuffle_buffer = 256
+    c.optim.base_learning_rate = 0.2
+    c.optim.warmup_fraction = 0.05
+    c.training.batch_size = 16
+    c.training.pretrain_epochs = 50
+    c.training.checkpoint_every_steps = 50
+    c.training.log_every_steps = 5
+    c.training.log_tensors_interval = 30.0
+    return c

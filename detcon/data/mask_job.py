@@ -1,0 +1,265 @@
+"""Writes one split's FH-mask shards with worker processes: resumable, shardable over machines.
+
+Each shard holds a contiguous slice of the seeded shuffle of the input files and is written under a
+temporary name, then renamed; a re-run skips shards that exist.  A manifest next to the shards
+(`fh_masks_<split>.json`) records the arguments and input listing so a re-run with different ones
+fails instead of mixing two datasets.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import tqdm
+
+from detcon.data import fh_records, image_codec, image_folder, shards
+
+MANIFEST_VERSION = 1
+_IN_FLIGHT_PER_WORKER = 4  # enough queued work to hide IPC, little enough to bound memory
+
+EncodeResult = tuple[bytes | None, str]  # (serialized record, "") or (None, reason skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class FhParams:
+    """FH parameters, one (scale, min_size) pair per stored segmentation."""
+
+    scales: tuple[float, ...]
+    min_sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.scales or len(self.scales) != len(self.min_sizes):
+            raise ValueError(
+                f"--fh_scales {list(self.scales)} and --fh_min_sizes {list(self.min_sizes)} must be "
+                "non-empty and of equal length (one min size per scale)"
+            )
+        if min(self.scales) <= 0 or min(self.min_sizes) < 0:
+            raise ValueError("--fh_scales must be > 0 and --fh_min_sizes >= 0")
+
+
+@dataclasses.dataclass
+class SplitSummary:
+    """What one run did for one split."""
+
+    split: str
+    written: int = 0
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    shards_written: int = 0
+    shards_already_complete: int = 0
+
+
+def shard_bounds(num_files: int, num_shards: int) -> list[tuple[int, int]]:
+    """Returns the [start, end) file range of each shard: near-equal contiguous slices."""
+    edges = np.linspace(0, num_files, num_shards + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def task_shards(num_shards: int, task_index: int, num_tasks: int) -> list[int]:
+    """Returns the shard indices that task `task_index` of `num_tasks` writes (strided, disjoint)."""
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"--task_index={task_index} must lie in [0, --num_tasks={num_tasks})")
+    return list(range(task_index, num_shards, num_tasks))
+
+
+def encode_file(image: image_folder.ImageFile, params: FhParams) -> EncodeResult:
+    """Returns (record, "") for one input file, or (None, reason) when it must be skipped."""
+    try:
+        with open(image.path, "rb") as handle:
+            data = handle.read()
+        record = fh_records.encode_record(
+            data,
+            filename=os.path.basename(image.path),
+            label=image.label,
+            synset=image.synset,
+            text=image.text,
+            scales=params.scales,
+            min_sizes=params.min_sizes,
+        )
+        return record, ""
+    except image_codec.BadImageError as error:
+        return None, str(error)
+    except OSError as error:
+        return None, f"cannot read file: {error}"
+    except Exception as error:  # noqa: BLE001 - one odd file must never stop a multi-day run
+        return None, f"unexpected {type(error).__name__}: {error}"
+
+
+def _init_worker() -> None:
+    # One thread per process: parallelism comes from the processes, oversubscription only hurts.
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # runtime already initialised by an import; the defaults then apply
+
+
+Encoder = Callable[[image_folder.ImageFile, FhParams], EncodeResult]
+
+
+def _new_pool(num_workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    # spawn, not fork: forking a process that has started TensorFlow threads can deadlock.
+    return concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
+
+
+def _isolate(images: Sequence[image_folder.ImageFile], params: FhParams, encode: Encoder) -> list[EncodeResult]:
+    """Re-runs images one per fresh process after a worker died, to find and skip the culprit."""
+    results = []
+    for image in images:
+        with _new_pool(1) as pool:
+            try:
+                results.append(pool.submit(encode, image, params).result())
+            except concurrent.futures.process.BrokenProcessPool:
+                results.append((None, "the worker process died on this file (crash or out of memory)"))
+    return results
+
+
+def ordered_results(
+    images: Sequence[image_folder.ImageFile],
+    params: FhParams,
+    num_workers: int,
+    encode: Encoder = encode_file,
+) -> Iterator[EncodeResult]:
+    """Yields `encode(image)` for each image in order, computed by `num_workers` processes (1: here)."""
+    if num_workers <= 1:
+        for image in images:
+            yield encode(image, params)
+        return
+    position = 0
+    while position < len(images):
+        pool = _new_pool(num_workers)
+        pending: collections.deque = collections.deque()
+        submitted = position
+        try:
+            while position < len(images):
+                while submitted < len(images) and len(pending) < _IN_FLIGHT_PER_WORKER * num_workers:
+                    pending.append(pool.submit(encode, images[submitted], params))
+                    submitted += 1
+                result = pending.popleft().result()
+                position += 1
+                yield result
+        except concurrent.futures.process.BrokenProcessPool:
+            in_flight = images[position:submitted]
+            logging.warning(
+                "a worker process died; retrying its %d in-flight files one by one", len(in_flight)
+            )
+            for result in _isolate(in_flight, params, encode):
+                position += 1
+                yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _manifest(split: str, files: list[image_folder.ImageFile], num_shards: int, params: FhParams, seed: int) -> dict:
+    return {
+        "version": MANIFEST_VERSION,
+        "split": split,
+        "num_files": len(files),
+        "files_digest": image_folder.listing_digest(files),
+        "num_shards": num_shards,
+        "fh_scales": list(params.scales),
+        "fh_min_sizes": list(params.min_sizes),
+        "seed": seed,
+    }
+
+
+def manifest_path(output_directory: str, split: str) -> str:
+    """Returns where a split's generation manifest lives."""
+    return os.path.join(output_directory, f"fh_masks_{split}.json")
+
+
+def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
+    """Writes the manifest, or checks a previous run's one matches so shards are never mixed."""
+    split = manifest["split"]
+    path = manifest_path(output_directory, split)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        differing = sorted(k for k in manifest if previous.get(k) != manifest[k])
+        if differing:
+            raise ValueError(
+                f"{output_directory!r} already holds {split!r} shards made with different settings or "
+                f"input files (differs in: {', '.join(differing)}; see {path}). Re-run with the same "
+                "arguments and inputs to resume, or use a new --output_directory"
+            )
+        return
+    existing = [n for n in os.listdir(output_directory) if n.startswith(f"{split}-") and "-of-" in n]
+    if existing:
+        raise ValueError(
+            f"{output_directory!r} holds {split!r} shards (e.g. {existing[0]}) but no {os.path.basename(path)}, "
+            "so they were not made by this tool with these arguments; use a new --output_directory"
+        )
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def generate_split(
+    split: str,
+    files: list[image_folder.ImageFile],
+    output_directory: str,
+    *,
+    num_shards: int,
+    params: FhParams,
+    seed: int,
+    num_workers: int,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    show_progress: bool = True,
+) -> SplitSummary:
+    """Writes this task's missing shards of `split` for `files` (already shuffled); returns a summary."""
+    if num_shards < 1:
+        raise ValueError(f"--{split}_shards must be >= 1, got {num_shards}")
+    os.makedirs(output_directory, exist_ok=True)
+    _check_or_write_manifest(output_directory, _manifest(split, files, num_shards, params, seed))
+    if num_shards > len(files):
+        logging.warning(
+            "%s: %d shards for %d images; %d shards will be empty",
+            split, num_shards, len(files), num_shards - len(files),
+        )
+    bounds = shard_bounds(len(files), num_shards)
+    summary = SplitSummary(split)
+    todo = []
+    for index in task_shards(num_shards, task_index, num_tasks):
+        path = os.path.join(output_directory, shards.shard_name(split, index, num_shards))
+        if os.path.exists(path):
+            summary.shards_already_complete += 1
+        else:
+            todo.append((path, bounds[index]))
+    if summary.shards_already_complete:
+        logging.info(
+            "%s: %d shards already complete, skipping them", split, summary.shards_already_complete
+        )
+    images = [files[i] for _, (start, end) in todo for i in range(start, end)]
+    results = ordered_results(images, params, num_workers)
+    progress = tqdm.tqdm(
+        total=len(images), desc=split, unit="img", disable=not show_progress, smoothing=0.05
+    )
+    try:
+        for path, (start, end) in todo:
+            with fh_records.atomic_shard(path) as writer:
+                for image in files[start:end]:
+                    record, reason = next(results)
+                    if record is None:
+                        summary.skipped.append((image.relative_path, reason))
+                        logging.warning("skipping %s: %s", image.path, reason)
+                    else:
+                        writer.write(record)
+                        summary.written += 1
+                    progress.update(1)
+                    progress.set_postfix(skipped=len(summary.skipped), refresh=False)
+            summary.shards_written += 1
+    finally:
+        progress.close()
+        results.close()
+    return summary

@@ -1,0 +1,231 @@
+"""tf.data input: DetCon TFRecord shards -> numpy batches `[local_devices, per_device_batch, ...]`.
+
+Pretraining yields two views per image with their FH masks cropped and flipped alongside; evaluation
+yields centre crops.  Images are float32 in [0, 1]; normalisation happens on device.
+
+Reproducibility: epoch `e` reads the files in an order seeded by (seed, e) and shuffles records
+with a buffer seeded by (seed, e), so `start_step` resumes the same order by skipping raw records
+(before any decoding); augmentation seeds derive from (seed, process, epoch, position in epoch).
+With `deterministic=True` this order is exact; otherwise tf.data may reorder records for speed.
+"""
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from detcon.data import image_codec, schema, shards, views
+
+list_shards = shards.list_shards  # part of this module's interface (the training loop imports it)
+
+_INTERLEAVE_CYCLE = 16  # fixed (not AUTOTUNE) so the record order does not depend on the host's cores
+_SEED_MIX = 0x9E3779B1  # spreads (seed, process) pairs apart in the stateless seed space
+
+
+def split_for_process(
+    paths: list[str], process_index: int, process_count: int
+) -> tuple[list[str], bool]:
+    """Returns (this process's files, whether to shard records instead because files < processes)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    if len(paths) >= process_count:
+        return paths[process_index::process_count], False
+    return list(paths), True
+
+
+def _label(stored: tf.Tensor) -> tf.Tensor:
+    # Stored labels count from 1 (0 = no label); training uses 0-based classes and -1 for none.
+    return tf.cast(tf.where(stored > 0, stored - 1, -1), tf.int32)
+
+
+def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Returns `image` uint8 `[H, W, 3]`, `fh` int32 `[K, H, W]` and `label` int32 (0-based, -1 none)."""
+    record = schema.parse_record(serialized)
+    image = image_codec.decode_rgb(record["encoded"])
+    shape = tf.shape(image)
+    fh = schema.reshape_segmentations(record["fh_ids"], shape[0], shape[1])
+    return {"image": image, "fh": fh, "label": _label(record["label"])}
+
+
+def two_views(
+    example: dict[str, tf.Tensor], image_size: int, fh_mask_index: int, seed: tf.Tensor
+) -> dict[str, tf.Tensor]:
+    """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`, `label`."""
+    fh = example["fh"]
+    check = tf.debugging.assert_less(
+        fh_mask_index,
+        tf.shape(fh)[0],
+        message=f"fh_mask_index={fh_mask_index} but the records hold fewer FH masks (one per --fh_scales entry)",
+    )
+    with tf.control_dependencies([check]):
+        mask = fh[fh_mask_index]
+    seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    view1, mask1 = views.random_view(example["image"], mask, image_size, seed1)
+    view2, mask2 = views.random_view(example["image"], mask, image_size, seed2)
+    return {
+        "view1": view1,
+        "view2": view2,
+        "fh_mask1": mask1,
+        "fh_mask2": mask2,
+        "label": example["label"],
+    }
+
+
+def _epoch_size(paths: list[str], files: list[str], example_level: bool, process_index: int, process_count: int) -> int:
+    """Returns how many records this process reads per epoch (reads record headers only)."""
+    if not example_level:
+        return sum(shards.count_records(p) for p in files)
+    total = sum(shards.count_records(p) for p in paths)
+    return len(range(process_index, total, process_count))
+
+
+def _epoch_records(
+    files: tf.Tensor,
+    epoch: tf.Tensor,
+    *,
+    seed: int,
+    shuffle_buffer: int,
+    deterministic: bool,
+    example_shard: tuple[int, int] | None,
+    first_epoch: int,
+    skip_in_first_epoch: int,
+) -> tf.data.Dataset:
+    """Returns (epoch, position, serialized record) for one epoch in its seeded order."""
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+    ordered = tf.random.experimental.stateless_shuffle(files, seed=epoch_seed)
+    num_files = int(files.shape[0])
+    records = tf.data.Dataset.from_tensor_slices(ordered).interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(num_files, _INTERLEAVE_CYCLE),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        # Record-level sharding needs the same stream on every process.
+        deterministic=deterministic or example_shard is not None,
+    )
+    if example_shard is not None:
+        records = records.shard(*example_shard)
+    records = records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch)
+    records = records.enumerate()
+    skip = tf.where(epoch == first_epoch, tf.constant(skip_in_first_epoch, tf.int64), tf.constant(0, tf.int64))
+    return records.skip(skip).map(lambda position, record: (epoch, position, record))
+
+
+def pretrain_batches(
+    dataset_directory: str,
+    *,
+    split: str = "train",
+    image_size: int,
+    local_devices: int,
+    per_device_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    fh_mask_index: int = 0,
+    seed: int = 0,
+    start_step: int = 0,
+    deterministic: bool = False,
+    shuffle_buffer: int = 10_000,
+    num_parallel_calls: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields forever `view1`/`view2` float32 `[D, b, S, S, 3]`, `fh_mask1`/`fh_mask2` int32 `[D, b, S, S]`, `label` int32 `[D, b]`."""
+    if min(image_size, local_devices, per_device_batch, shuffle_buffer) < 1 or start_step < 0:
+        raise ValueError(
+            "image_size, local_devices, per_device_batch and shuffle_buffer must be >= 1 and "
+            f"start_step >= 0; got {image_size}, {local_devices}, {per_device_batch}, "
+            f"{shuffle_buffer}, {start_step}"
+        )
+    paths = list_shards(dataset_directory, split)
+    files, example_level = split_for_process(paths, process_index, process_count)
+    if not any(tf.io.gfile.stat(p).length for p in files):
+        raise ValueError(f"the {split!r} shards in {dataset_directory!r} for this process hold no records")
+    local_batch = local_devices * per_device_batch
+    first_epoch, skip_in_first_epoch = 0, 0
+    if start_step:
+        epoch_size = _epoch_size(paths, files, example_level, process_index, process_count)
+        if epoch_size == 0:
+            raise ValueError(f"process {process_index} gets no {split!r} records from {dataset_directory!r}")
+        first_epoch, skip_in_first_epoch = divmod(start_step * local_batch, epoch_size)
+
+    files_tensor = tf.constant(files)
+    example_shard = (process_count, process_index) if example_level else None
+
+    def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+        return _epoch_records(
+            files_tensor,
+            epoch,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            deterministic=deterministic,
+            example_shard=example_shard,
+            first_epoch=first_epoch,
+            skip_in_first_epoch=skip_in_first_epoch,
+        )
+
+    stream_seed = (seed * _SEED_MIX + process_index) % (2**62)
+
+    def make_pair(epoch: tf.Tensor, position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
+        key = tf.stack([tf.constant(stream_seed, tf.int64), epoch * (2**40) + position])
+        return two_views(decode_example(record), image_size, fh_mask_index, key)
+
+    parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
+    dataset = (
+        tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max)
+        .flat_map(epoch_records)
+        .map(make_pair, num_parallel_calls=parallel, deterministic=deterministic)
+        .batch(per_device_batch, drop_remainder=True)
+        .batch(local_devices, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    dataset = dataset.with_options(options)
+    yield from dataset.as_numpy_iterator()
+
+
+def eval_batches(
+    dataset_directory: str,
+    *,
+    split: str = "validation",
+    image_size: int,
+    local_devices: int,
+    per_device_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields one pass of `image` float32 `[D, b, S, S, 3]` centre crops and `label` int32 `[D, b]`.
+
+    Every record is used once.  The last batches are padded with zero images of label -1 (mask
+    them out of metrics), and every process yields the same number of batches, so multi-host
+    evaluation never waits on a process that ran out.
+    """
+    paths = list_shards(dataset_directory, split)
+    files, example_level = split_for_process(paths, process_index, process_count)
+    counts = [shards.count_records(p) for p in paths]
+    if example_level:
+        total = sum(counts)
+        per_process = [len(range(i, total, process_count)) for i in range(process_count)]
+    else:
+        per_process = [sum(counts[i::process_count]) for i in range(process_count)]
+    local_batch = local_devices * per_device_batch
+    num_batches = math.ceil(max(per_process) / local_batch)
+    padding = num_batches * local_batch - per_process[process_index]
+
+    def to_eval(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        record = schema.parse_record(serialized)
+        image = views.centre_view(image_codec.decode_rgb(record["encoded"]), image_size)
+        return {"image": image, "label": _label(record["label"])}
+
+    records = tf.data.TFRecordDataset(files)
+    if example_level:
+        records = records.shard(process_count, process_index)
+    pad = tf.data.Dataset.from_tensors(
+        {"image": tf.zeros([image_size, image_size, 3], tf.float32), "label": tf.constant(-1, tf.int32)}
+    ).repeat(padding)
+    dataset = (
+        records.map(to_eval, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .concatenate(pad)
+        .batch(per_device_batch, drop_remainder=True)
+        .batch(local_devices, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    yield from dataset.as_numpy_iterator()

@@ -1,0 +1,84 @@
+"""DetCon-B pretraining entry point: flags -> config -> train.run(config, workdir).
+
+  python -m detcon.main_loop --config=configs/demo.py --workdir=/tmp/detcon_demo
+  python -m detcon.main_loop --dataset_directory=/data/imagenet-fh --pretrain_epochs=1000 \\
+      --batch_size=4096 --workdir=/ckpt/detcon_b
+"""
+import os
+import tempfile
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "detcon_b.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (ml_collections).")
+# The official release's flags; when given they override the config.
+flags.DEFINE_string("dataset_directory", None, "TFRecords with FH masks (scripts/generate_fh_masks.py).")
+flags.DEFINE_integer("pretrain_epochs", None, "Pretraining epochs.")
+flags.DEFINE_integer("batch_size", None, "Global batch size over all devices and hosts.")
+flags.DEFINE_bool("is_test", False, "One step on mock data with ResNet-50 and batch 4 (smoke test).")
+flags.DEFINE_float("log_tensors_interval", None, "Log at least every this many seconds.")
+# Ours.
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs; resumes if present.")
+flags.DEFINE_integer("max_steps", None, "Overrides the step count derived from epochs.")
+flags.DEFINE_bool("mock_data", None, "Synthetic batches; no dataset needed.")
+flags.DEFINE_integer("log_every_steps", None, "Log every this many steps.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+FLAGS = flags.FLAGS
+
+_OVERRIDES = {  # flag -> (config group, field)
+    "dataset_directory": ("data", "dataset_directory"),
+    "pretrain_epochs": ("training", "pretrain_epochs"),
+    "batch_size": ("training", "batch_size"),
+    "log_tensors_interval": ("training", "log_tensors_interval"),
+    "max_steps": ("training", "max_steps"),
+    "mock_data": ("training", "mock_data"),
+    "log_every_steps": ("training", "log_every_steps"),
+}
+
+
+def _initialise_distributed() -> None:
+    """Joins a multi-host run: explicit flags, or auto-detection on SLURM / Cloud TPU pods."""
+    import jax
+    explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
+                                 "together; give all three or none.")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
+        jax.distributed.initialize()  # JAX reads the cluster from the environment
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    for flag, (group, field) in _OVERRIDES.items():
+        if FLAGS[flag].value is not None:
+            config[group][field] = FLAGS[flag].value
+    workdir = FLAGS.workdir
+    if FLAGS.is_test:
+        config.model.depth = 50
+        config.data.image_size = 224
+        config.training.batch_size = 4
+        config.training.mock_data = True
+        config.training.max_steps = 1
+        config.training.log_every_steps = 1
+        workdir = workdir or tempfile.mkdtemp(prefix="detcon_is_test_")
+    if not workdir:
+        raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there).")
+    _initialise_distributed()
+    from detcon import train  # after distributed init: importing JAX backends must follow it
+    logging.info("Config:\n%s", config)
+    result = train.run(config, workdir)
+    logging.info("Done: %s (workdir %s)", {k: round(v, 4) for k, v in result.items()}, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+"""LARS from optax, plus the learning-rate and target-EMA schedules of BYOL/DetCon."""
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Haiku parameter names of biases (Linear/Conv 'b') and BatchNorm affine terms: LARS neither
+# decays nor trust-ratio-scales them, as in BYOL and DetCon.
+_NOT_ADAPTED_PARAM_NAMES = frozenset({"b", "offset", "scale"})
+
+
+def learning_rate(step: Union[int, jax.Array], *, base_learning_rate: float, batch_size: int,
+                  total_steps: int, warmup_steps: int) -> jax.Array:
+    """Scalar float32 lr: linear warm-up to base*batch/256, then cosine decay to 0 at total."""
+    peak = base_learning_rate * batch_size / 256.0
+    step = jnp.minimum(jnp.asarray(step, jnp.float32), float(total_steps))
+    warmup = peak * step / max(warmup_steps, 1)
+    cosine_steps = max(total_steps - warmup_steps, 1)
+    progress = (step - warmup_steps) / cosine_steps
+    cosine = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup_steps, warmup, cosine)
+
+
+def target_ema(step: Union[int, jax.Array], *, base_ema: float, total_steps: int) -> jax.Array:
+    """Scalar float32 EMA decay rising from base_ema at step 0 to 1 at total_steps (cosine)."""
+    progress = jnp.minimum(jnp.asarray(step, jnp.float32), float(total_steps)) / total_steps
+    return 1.0 - (1.0 - base_ema) * (1.0 + jnp.cos(jnp.pi * progress)) / 2.0
+
+
+def exclude_from_lars(params: Any) -> Any:
+    """LARS mask, bool pytree like params: False for 'b', 'offset', 'scale' leaves, else True."""
+    def is_adapted(path: tuple, _: Any) -> bool:
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name not in _NOT_ADAPTED_PARAM_NAMES
+
+    return jax.tree_util.tree_map_with_path(is_adapted, params)
+
+
+def lars(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1.5e-6,
+         trust_coefficient: float = 1e-3, momentum: float = 0.9
+         ) -> optax.GradientTransformation:
+    """optax.lars with biases and BatchNorm parameters excluded from decay and trust ratio."""
+    return optax.lars(learning_rate=learning_rate, weight_decay=weight_decay,
+                      weight_decay_mask=exclude_from_lars, trust_coefficient=trust_coefficient,
+                      trust_ratio_mask=exclude_from_lars, momentum=momentum)
