@@ -74,7 +74,8 @@ def detectron2_names(layer: TorsoLayer) -> tuple[str, str]:
 
 def _missing(tree: Params, what: str, needed: str, depth: int) -> KeyError:
     """A KeyError naming what a ResNet-`depth` export needed and which torso `tree` does hold."""
-    roots = sorted({m.split(_SEP)[0] for m in tree if m.endswith(_SEP + "initial_conv")})
+    stem = _SEP + "initial_conv"
+    roots = sorted({m[:-len(stem)] for m in tree if m.endswith(stem)})
     return KeyError(
         f"Haiku {what} lack {needed}, needed for a ResNet-{depth} torso; torso roots present: "
         f"{roots or 'none'}. Check the run's config.model.depth, or pass a checkpoint of that "
@@ -116,7 +117,8 @@ def _torch_style(params: Params, state: Params, depth: int,
         if with_batch_count:
             counter = _lookup(state, mean_ema, "counter", "state", depth)
             out[bn + "num_batches_tracked"] = np.asarray(counter, dtype=np.int64).reshape(())
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    # asarray(order="C"), not ascontiguousarray: the latter turns the 0-d counters into [1].
+    return {k: np.asarray(v, order="C") for k, v in out.items()}
 
 
 def haiku_to_torchvision(params: Params, state: Params, depth: int) -> dict[str, np.ndarray]:
@@ -220,6 +222,10 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the result the permissions an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -231,7 +237,7 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
                       metadata: Optional[Mapping[str, str]] = None) -> None:
     """Writes a .safetensors file through safetensors' NumPy API (no torch needed)."""
     from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
-    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+    blob = save({k: np.asarray(v, order="C") for k, v in tensors.items()},
                 metadata=dict(metadata or {}))
     atomic_write(path, lambda f: f.write(blob))
 
@@ -247,7 +253,7 @@ def write_torch(tensors: Mapping[str, np.ndarray], path: str) -> None:
 
 def _portable_array(array: np.ndarray) -> tuple[Any, tuple]:
     """Pickle reduction of an ndarray that names only numpy.ndarray and builtins."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")
     return np.ndarray, (array.shape, array.dtype.str, bytearray(array.tobytes()))
 
 

@@ -66,10 +66,10 @@ def detcon_b_loss(pred1: jax.Array, pred2: jax.Array, target1: jax.Array, target
     padding: no loss and not candidates. Callers stop gradients into targets themselves.
     """
     batch = pred1.shape[0]
-    pred1 = l2_normalize(pred1)
-    pred2 = l2_normalize(pred2)
-    target1 = l2_normalize(target1)
-    target2 = l2_normalize(target2)
+    # float32 whatever the model's compute dtype: a softmax over 2*B'*R candidates with 1e9
+    # offsets is not safe in bfloat16.
+    pred1, pred2, target1, target2 = (
+        l2_normalize(x.astype(jnp.float32)) for x in (pred1, pred2, target1, target2))
 
     if axis_name is not None:
         target1, target2, tind1, tind2 = jax.lax.all_gather(

@@ -83,11 +83,15 @@ def binary_masks_dense(masks: jax.Array, grid_shape: tuple[int, int],
 def _sample_one(key: jax.Array, mask: jax.Array, num_samples: int) -> jax.Array:
     """Ids [num_samples] drawn uniformly with replacement among ids present in mask [M, G]."""
     present = jnp.sum(mask, axis=-1) > 0
-    logits = jnp.where(present, 0.0, -jnp.inf)
-    # Keep the categorical well defined when nothing is present; the draw is replaced below.
-    logits = jnp.where(jnp.any(present), logits, 0.0)
-    ids = jax.random.categorical(key, logits, shape=(num_samples,)).astype(jnp.int32)
-    return jnp.where(jnp.any(present), ids, NO_MASK_ID)
+    num_present = jnp.sum(present.astype(jnp.int32))
+    # Draw a rank k among the present ids, then map it to the id whose inclusive running count
+    # of present ids first exceeds k. Much cheaper to compile than a categorical over all M.
+    uniform = jax.random.uniform(key, (num_samples,))
+    rank = jnp.floor(uniform * num_present.astype(jnp.float32)).astype(jnp.int32)
+    rank = jnp.minimum(rank, num_present - 1)  # guards u * n rounding up to n
+    running_count = jnp.cumsum(present.astype(jnp.int32))
+    ids = jnp.sum(running_count[None, :] <= rank[:, None], axis=-1).astype(jnp.int32)
+    return jnp.where(num_present > 0, ids, NO_MASK_ID)
 
 
 def sample_mask_ids(keys: jax.Array, masks: jax.Array, num_samples: int = 16) -> jax.Array:

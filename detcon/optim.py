@@ -18,7 +18,8 @@ def learning_rate(step: Union[int, jax.Array], *, base_learning_rate: float, bat
     warmup = peak * step / max(warmup_steps, 1)
     cosine_steps = max(total_steps - warmup_steps, 1)
     progress = (step - warmup_steps) / cosine_steps
-    cosine = peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    # 0.5 * (1 + cos(pi p)) written as cos(pi p / 2)^2: no float32 cancellation near the end.
+    cosine = peak * jnp.square(jnp.cos(0.5 * jnp.pi * progress))
     return jnp.where(step < warmup_steps, warmup, cosine)
 
 

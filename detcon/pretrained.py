@@ -143,6 +143,10 @@ class MatchReport:
                     lines.append(f"    ... and {len(names) - limit} more")
         return "\n".join(lines)
 
+    def __str__(self) -> str:
+        """The summary, so logging '%s' of a report prints names, not the dataclass repr."""
+        return self.summary()
+
 
 def _match_tree(source: Mapping[str, Mapping[str, Any]], reference: Mapping[str, Mapping[str, Any]],
                 source_root: Optional[str], reference_root: str, report: MatchReport) -> Tree:

@@ -6,8 +6,14 @@ import pytest
 
 from detcon import masks
 
+# Jitted entry points (grid shape and sizes static): faster on CPU than op-by-op dispatch.
+_binary_masks = jax.jit(masks.binary_masks, static_argnums=(1, 2))
+_binary_masks_dense = jax.jit(masks.binary_masks_dense, static_argnums=(1, 2))
+_sample = jax.jit(masks.sample_mask_ids, static_argnums=2)
 
-def _grid_masks_loop(ids: np.ndarray, grid_shape: tuple[int, int], max_mask_id: int) -> np.ndarray:
+
+def _grid_masks_loop(ids: np.ndarray, grid_shape: tuple[int, int],
+                     max_mask_id: int) -> np.ndarray:
     """Independent reference: explicit loops over images and cells with per-cell bincount."""
     batch, height, width = ids.shape
     grid_h, grid_w = grid_shape
@@ -39,8 +45,8 @@ def test_binary_masks_hand_built_majority_ties_and_ignored_ids():
     expected[0, 1, 0] = 1.0
     expected[0, 0, 1] = 1.0
     expected[0, 2, 3] = 1.0
-    for fn in (masks.binary_masks, masks.binary_masks_dense):
-        got = jax.jit(fn, static_argnums=(1, 2))(jnp.asarray(ids), (2, 2), 4)
+    for fn in (_binary_masks, _binary_masks_dense):
+        got = fn(jnp.asarray(ids), (2, 2), 4)
         assert got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), expected)
 
@@ -48,7 +54,7 @@ def test_binary_masks_hand_built_majority_ties_and_ignored_ids():
 def test_binary_masks_cells_are_row_major():
     # Image of 2x3 cells, each a 1x1-pixel cell holding id = its row-major index.
     ids = np.arange(6, dtype=np.int32).reshape(1, 2, 3)
-    got = np.asarray(masks.binary_masks(jnp.asarray(ids), (2, 3), 8))
+    got = np.asarray(_binary_masks(jnp.asarray(ids), (2, 3), 8))
     np.testing.assert_array_equal(got[0, :6], np.eye(6, dtype=np.float32))
     assert not got[0, 6:].any()
 
@@ -57,8 +63,8 @@ def test_binary_masks_matches_dense_and_loop_on_random_ids():
     rng = np.random.default_rng(0)
     # Few distinct ids per cell make ties frequent; -2..-1 and >= 8 exercise the ignore rule.
     ids = rng.integers(-2, 11, size=(3, 12, 18)).astype(np.int32)
-    fast = np.asarray(masks.binary_masks(jnp.asarray(ids), (3, 6), 8))
-    dense = np.asarray(masks.binary_masks_dense(jnp.asarray(ids), (3, 6), 8))
+    fast = np.asarray(_binary_masks(jnp.asarray(ids), (3, 6), 8))
+    dense = np.asarray(_binary_masks_dense(jnp.asarray(ids), (3, 6), 8))
     expected = _grid_masks_loop(ids, (3, 6), 8)
     assert fast.shape == (3, 8, 18)
     np.testing.assert_array_equal(fast, expected)
@@ -87,7 +93,7 @@ def test_sample_mask_ids_only_present_ids_roughly_uniform():
     num_keys, num_samples = 64, 64
     grid = _masks_with_ids([[1, 4, 6, 9]] * num_keys, num_ids=12, num_cells=9)
     keys = jax.random.split(jax.random.key(0), num_keys)
-    ids = np.asarray(jax.jit(masks.sample_mask_ids, static_argnums=2)(keys, grid, num_samples))
+    ids = np.asarray(_sample(keys, grid, num_samples))
     assert ids.shape == (num_keys, num_samples) and ids.dtype == np.int32
     values, counts = np.unique(ids, return_counts=True)
     np.testing.assert_array_equal(values, [1, 4, 6, 9])
@@ -101,7 +107,7 @@ def test_sample_mask_ids_single_and_empty_images_with_raw_keys():
     grid = _masks_with_ids([[3], [], [0, 2]], num_ids=5, num_cells=4)
     keys = jax.random.split(jax.random.PRNGKey(1), 3)  # raw uint32 [3, 2]
     assert keys.dtype == jnp.uint32 and keys.shape == (3, 2)
-    ids = np.asarray(masks.sample_mask_ids(keys, grid, 16))
+    ids = np.asarray(_sample(keys, grid, 16))
     np.testing.assert_array_equal(ids[0], np.full(16, 3))
     np.testing.assert_array_equal(ids[1], np.full(16, masks.NO_MASK_ID))
     assert set(ids[2]) <= {0, 2}
@@ -110,16 +116,14 @@ def test_sample_mask_ids_single_and_empty_images_with_raw_keys():
 def test_sample_mask_ids_is_invariant_to_batch_split():
     rng = np.random.default_rng(2)
     grid = jnp.asarray((rng.random((8, 10, 6)) < 0.3).astype(np.float32))
-    for keys in (jax.random.split(jax.random.key(3), 8),
-                 jax.random.split(jax.random.PRNGKey(3), 8)):
-        sample = jax.jit(masks.sample_mask_ids, static_argnums=2)
-        whole = np.asarray(sample(keys, grid, 16))
-        halves = np.concatenate([np.asarray(sample(keys[:4], grid[:4], 16)),
-                                 np.asarray(sample(keys[4:], grid[4:], 16))])
-        np.testing.assert_array_equal(whole, halves)
-        present = np.asarray(grid).sum(-1) > 0
-        for b in range(8):
-            assert present[b][whole[b]].all()
+    keys = jax.random.split(jax.random.key(3), 8)
+    whole = np.asarray(_sample(keys, grid, 16))
+    halves = np.concatenate([np.asarray(_sample(keys[:4], grid[:4], 16)),
+                             np.asarray(_sample(keys[4:], grid[4:], 16))])
+    np.testing.assert_array_equal(whole, halves)
+    present = np.asarray(grid).sum(-1) > 0
+    for b in range(8):
+        assert present[b][whole[b]].all()
 
 
 def test_sample_mask_ids_needs_one_key_per_image():
@@ -149,3 +153,13 @@ def test_mask_pool_matches_numpy_loop():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got[1, 0], 0.0)
     np.testing.assert_array_equal(got[1, 2], 0.0)
+
+
+def test_sample_mask_ids_program_size_does_not_grow_with_batch():
+    def num_equations(batch: int) -> int:
+        keys = jax.random.split(jax.random.key(0), batch)
+        jaxpr = jax.make_jaxpr(masks.sample_mask_ids, static_argnums=2)(
+            keys, jnp.ones((batch, 8, 4)), 16)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert num_equations(2) == num_equations(64)

@@ -1,0 +1,137 @@
+"""LARS against a NumPy transcription of its update; lr and EMA schedules at hand-computed steps."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from detcon import optim
+
+
+def _haiku_params(rng: np.random.Generator) -> dict:
+    """Haiku-style params: conv kernel, Linear w (zero init) and b, BatchNorm scale and offset."""
+    return {
+        "conv2_d": {"w": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+        "linear": {"w": np.zeros((4, 3), np.float32),
+                   "b": rng.normal(size=(3,)).astype(np.float32)},
+        "batch_norm": {"scale": (1.0 + rng.normal(size=(4,))).astype(np.float32),
+                       "offset": rng.normal(size=(4,)).astype(np.float32)},
+    }
+
+
+_ADAPTED = {("conv2_d", "w"), ("linear", "w")}
+
+
+def _lars_reference(params: dict, grads_per_step: list, lr: float, weight_decay: float,
+                    trust_coefficient: float, momentum: float) -> list:
+    """Updates per step: wd add -> trust ratio -> times -lr -> momentum trace (optax.lars order)."""
+    params = {m: {n: np.asarray(v, np.float64) for n, v in d.items()} for m, d in params.items()}
+    trace = {(m, n): 0.0 for m, d in params.items() for n in d}
+    all_updates = []
+    for grads in grads_per_step:
+        updates = {}
+        for module, leaves in params.items():
+            for name, w in leaves.items():
+                u = np.asarray(grads[module][name], np.float64)
+                if (module, name) in _ADAPTED:
+                    u = u + weight_decay * w
+                    w_norm, u_norm = np.sqrt(np.sum(w * w)), np.sqrt(np.sum(u * u))
+                    both_positive = w_norm > 0 and u_norm > 0
+                    ratio = trust_coefficient * w_norm / u_norm if both_positive else 1.0
+                    u = u * ratio
+                u = -lr * u
+                trace[module, name] = u + momentum * trace[module, name]
+                updates.setdefault(module, {})[name] = trace[module, name]
+        for module, leaves in params.items():
+            for name in leaves:
+                leaves[name] = leaves[name] + updates[module][name]
+        all_updates.append(updates)
+    return all_updates
+
+
+def test_exclude_from_lars_marks_biases_and_batchnorm():
+    mask = optim.exclude_from_lars(_haiku_params(np.random.default_rng(0)))
+    assert mask == {"conv2_d": {"w": True}, "linear": {"w": True, "b": False},
+                    "batch_norm": {"scale": False, "offset": False}}
+
+
+def test_lars_matches_numpy_reference_for_several_steps():
+    rng = np.random.default_rng(1)
+    params = _haiku_params(rng)
+    grads_per_step = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                                             params) for _ in range(4)]
+    # Large decay and coefficient so both visibly change the adapted leaves.
+    lr, weight_decay, coefficient, momentum = 0.5, 0.1, 0.02, 0.9
+    expected = _lars_reference(params, grads_per_step, lr, weight_decay, coefficient, momentum)
+
+    optimizer = optim.lars(lr, weight_decay=weight_decay, trust_coefficient=coefficient,
+                           momentum=momentum)
+    update_fn = jax.jit(optimizer.update)
+    current = jax.tree_util.tree_map(jnp.asarray, params)
+    opt_state = optimizer.init(current)
+    for step, grads in enumerate(grads_per_step):
+        updates, opt_state = update_fn(grads, opt_state, current)
+        for module, leaves in expected[step].items():
+            for name, want in leaves.items():
+                np.testing.assert_allclose(np.asarray(updates[module][name]), want,
+                                           rtol=2e-5, atol=1e-7, err_msg=f"{step} {module}/{name}")
+        current = optax.apply_updates(current, updates)
+
+    # Excluded leaves follow plain SGD with momentum: -lr * sum_k momentum^k g_{t-k}.
+    for module, name in [("linear", "b"), ("batch_norm", "scale"), ("batch_norm", "offset")]:
+        g = [np.asarray(grads[module][name], np.float64) for grads in grads_per_step]
+        sgd = -lr * (g[3] + momentum * g[2] + momentum ** 2 * g[1] + momentum ** 3 * g[0])
+        np.testing.assert_allclose(np.asarray(updates[module][name]), sgd, rtol=2e-5)
+    # The zero-initialised Linear w took a full-size first step (trust ratio 1), then small ones.
+    first_step = expected[0]["linear"]["w"]
+    np.testing.assert_allclose(first_step, -lr * grads_per_step[0]["linear"]["w"], rtol=1e-6)
+
+
+def test_lars_accepts_a_schedule():
+    params = {"linear": {"b": jnp.ones((2,))}}
+    grads = {"linear": {"b": jnp.array([1.0, -2.0])}}
+    optimizer = optim.lars(lambda count: 0.1 * (count + 1), momentum=0.5)
+    state = optimizer.init(params)
+    first, state = optimizer.update(grads, state, params)
+    second, _ = optimizer.update(grads, state, params)
+    np.testing.assert_allclose(first["linear"]["b"], [-0.1, 0.2], rtol=1e-6)
+    # -0.2 g + 0.5 * (-0.1 g) = -0.25 g
+    np.testing.assert_allclose(second["linear"]["b"], [-0.25, 0.5], rtol=1e-6)
+
+
+_LR_KWARGS = dict(base_learning_rate=0.2, batch_size=512, total_steps=1000, warmup_steps=100)
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 0.0),
+    (50, 0.2),                                           # half-way through warm-up to peak 0.4
+    (100, 0.4),                                          # end of warm-up: the peak
+    (325, 0.2 * (1 + math.sqrt(0.5))),                   # a quarter into the cosine
+    (550, 0.2),                                          # half-way through the cosine
+    (999, 0.4 * math.sin(math.pi / 1800) ** 2),          # last step: 0.2 * (1 - cos(pi / 900))
+    (1000, 0.0),
+    (5000, 0.0),                                         # clamped beyond the end
+])
+def test_learning_rate_schedule(step, expected):
+    got = jax.jit(lambda s: optim.learning_rate(s, **_LR_KWARGS))(jnp.int32(step))
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_learning_rate_without_warmup_starts_at_peak():
+    got = optim.learning_rate(0, base_learning_rate=0.3, batch_size=256, total_steps=10,
+                              warmup_steps=0)
+    np.testing.assert_allclose(float(got), 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, 0.99),
+    (250, 1 - 0.01 * (1 + math.sqrt(0.5)) / 2),
+    (500, 0.995),
+    (1000, 1.0),
+    (2000, 1.0),
+])
+def test_target_ema_schedule(step, expected):
+    got = jax.jit(lambda s: optim.target_ema(s, base_ema=0.99, total_steps=1000))(jnp.int32(step))
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
