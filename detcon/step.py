@@ -9,13 +9,14 @@ import ml_collections
 import optax
 
 from detcon import augment
+from detcon import devices as devices_lib
 from detcon import losses
 from detcon import masks as masks_lib
 from detcon import model as model_lib
 from detcon import optim
 from detcon.state import TrainState
 
-AXIS = "i"  # the pmap axis: cross-replica BatchNorm, loss negatives and gradient averaging
+AXIS = devices_lib.AXIS  # the pmap axis: cross-replica BatchNorm, loss negatives, grad averaging
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 

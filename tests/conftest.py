@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Subprocess runs of the same program (resume, multi-process) reuse compilations.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"detcon_test_jax_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
@@ -31,6 +35,7 @@ def tiny_config(batch_size: int = 8, image_size: int = 64):
     c.model.predictor_hidden_size = 64
     c.model.num_classes = 4
     c.data.image_size = image_size
+    c.model.depth = 10
     c.loss.num_samples = 4
     c.training.batch_size = batch_size
     c.training.mock_data = True

@@ -48,7 +48,8 @@ def encode_record(
         fh_scales=scales,
         fh_min_sizes=min_sizes,
     )
-    return example.SerializeToString()
+    # deterministic: map order otherwise varies between processes, and re-runs should be byte-identical.
+    return example.SerializeToString(deterministic=True)
 
 
 def temporary_path(path: str) -> str:

@@ -66,7 +66,8 @@ def to_rgb_jpeg(data: bytes) -> tuple[bytes, np.ndarray]:
     except (OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"unreadable image header: {error}") from None
     with image:
-        if image.format == "JPEG" and image.mode == "RGB":
+        # MPO is a camera JPEG with extra preview frames; its first frame is a plain JPEG stream.
+        if image.format in ("JPEG", "MPO") and image.mode == "RGB":
             pixels = _tf_decode(data)
             if pixels is not None:
                 # Already what the schema asks for: keep the original bytes (no second lossy pass).

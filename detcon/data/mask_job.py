@@ -105,31 +105,57 @@ Encoder = Callable[[image_folder.ImageFile, FhParams], EncodeResult]
 
 
 def _new_pool(num_workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    # spawn, not fork: forking a process that has started TensorFlow threads can deadlock.
+    """Returns a process pool whose workers start fast and never inherit a running TensorFlow."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        # The server imports TensorFlow and scikit-image once (no TF runtime started yet), so a new
+        # worker is a cheap fork of it instead of a multi-second fresh import.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["detcon.data.mask_job"])
+    else:
+        context = multiprocessing.get_context("spawn")
     return concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        num_workers, mp_context=context, initializer=_init_worker
     )
 
 
-def _isolate(images: Sequence[image_folder.ImageFile], params: FhParams, encode: Encoder) -> list[EncodeResult]:
-    """Re-runs images one per fresh process after a worker died, to find and skip the culprit."""
-    results = []
-    for image in images:
-        with _new_pool(1) as pool:
+_DIED = "the worker process died on this file (crashed or killed, e.g. out of memory)"
+_MAX_DEATHS_IN_A_ROW = 3  # more than this is a broken environment, not a few bad files
+
+
+def _isolate(images: Sequence[image_folder.ImageFile], params: FhParams, encode: Encoder) -> Iterator[EncodeResult]:
+    """Yields results for images after a worker died, one at a time, so only the culprit is skipped."""
+    pool = _new_pool(1)
+    deaths_in_a_row = 0
+    try:
+        for image in images:
             try:
-                results.append(pool.submit(encode, image, params).result())
+                result = pool.submit(encode, image, params).result()
+                deaths_in_a_row = 0
             except concurrent.futures.process.BrokenProcessPool:
-                results.append((None, "the worker process died on this file (crash or out of memory)"))
-    return results
+                deaths_in_a_row += 1
+                if deaths_in_a_row > _MAX_DEATHS_IN_A_ROW:
+                    raise RuntimeError(
+                        f"worker processes died on {deaths_in_a_row} files in a row (last: {image.path}); "
+                        "that is not a bad file but a broken worker: see the error above (out of "
+                        "memory? a script without `if __name__ == '__main__':`?). Completed shards "
+                        "are kept; fix it and re-run the same command to resume"
+                    ) from None
+                result = (None, _DIED)
+                pool.shutdown(wait=True)
+                pool = _new_pool(1)
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ordered_results(
     images: Sequence[image_folder.ImageFile],
     params: FhParams,
     num_workers: int,
-    encode: Encoder = encode_file,
+    encode: Encoder | None = None,
 ) -> Iterator[EncodeResult]:
-    """Yields `encode(image)` for each image in order, computed by `num_workers` processes (1: here)."""
+    """Yields `encode(image)` (default `encode_file`) for each image in order, by `num_workers` processes (1: here)."""
+    encode = encode or encode_file
     if num_workers <= 1:
         for image in images:
             yield encode(image, params)
@@ -144,15 +170,23 @@ def ordered_results(
                 while submitted < len(images) and len(pending) < _IN_FLIGHT_PER_WORKER * num_workers:
                     pending.append(pool.submit(encode, images[submitted], params))
                     submitted += 1
-                result = pending.popleft().result()
+                result = pending[0].result()
+                pending.popleft()
                 position += 1
                 yield result
         except concurrent.futures.process.BrokenProcessPool:
-            in_flight = images[position:submitted]
             logging.warning(
-                "a worker process died; retrying its %d in-flight files one by one", len(in_flight)
+                "a worker process died; re-running its %d unfinished files one at a time", len(pending)
             )
-            for result in _isolate(in_flight, params, encode):
+            # Results that finished before the crash are kept; the rest run again in isolation.
+            for future in pending:
+                done = future.done() and not future.cancelled() and future.exception() is None
+                if not done:
+                    break
+                position += 1
+                yield future.result()
+            retry = images[position:submitted]
+            for result in _isolate(retry, params, encode):
                 position += 1
                 yield result
         finally:
@@ -243,7 +277,7 @@ def generate_split(
     images = [files[i] for _, (start, end) in todo for i in range(start, end)]
     results = ordered_results(images, params, num_workers)
     progress = tqdm.tqdm(
-        total=len(images), desc=split, unit="img", disable=not show_progress, smoothing=0.05
+        total=len(images), desc=split, unit="img", disable=not (show_progress and images), smoothing=0.05
     )
     try:
         for path, (start, end) in todo:

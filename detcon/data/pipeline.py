@@ -23,6 +23,11 @@ _INTERLEAVE_CYCLE = 16  # fixed (not AUTOTUNE) so the record order does not depe
 _SEED_MIX = 0x9E3779B1  # spreads (seed, process) pairs apart in the stateless seed space
 
 
+def num_examples(dataset_directory: str, split: str = "train") -> int:
+    """Returns the number of records in all shards of `split` (reads record headers only)."""
+    return sum(shards.count_records(p) for p in list_shards(dataset_directory, split))
+
+
 def split_for_process(
     paths: list[str], process_index: int, process_count: int
 ) -> tuple[list[str], bool]:
@@ -127,7 +132,11 @@ def pretrain_batches(
     shuffle_buffer: int = 10_000,
     num_parallel_calls: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields forever `view1`/`view2` float32 `[D, b, S, S, 3]`, `fh_mask1`/`fh_mask2` int32 `[D, b, S, S]`, `label` int32 `[D, b]`."""
+    """Returns an endless iterator of `view1`/`view2` float32 `[D, b, S, S, 3]`, `fh_mask1`/`fh_mask2` int32 `[D, b, S, S]`, `label` int32 `[D, b]`.
+
+    The shuffle buffer holds `shuffle_buffer` raw records (JPEG + mask bytes, ~300 KB each for
+    ImageNet), so the default 10_000 needs ~3 GB of host memory per process.
+    """
     if min(image_size, local_devices, per_device_batch, shuffle_buffer) < 1 or start_step < 0:
         raise ValueError(
             "image_size, local_devices, per_device_batch and shuffle_buffer must be >= 1 and "
@@ -178,8 +187,8 @@ def pretrain_batches(
     )
     options = tf.data.Options()
     options.deterministic = deterministic
-    dataset = dataset.with_options(options)
-    yield from dataset.as_numpy_iterator()
+    # Returned, not yielded from: bad arguments and missing shards fail at the call, not at next().
+    return dataset.with_options(options).as_numpy_iterator()
 
 
 def eval_batches(
@@ -192,7 +201,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields one pass of `image` float32 `[D, b, S, S, 3]` centre crops and `label` int32 `[D, b]`.
+    """Returns an iterator over one pass of `image` float32 `[D, b, S, S, 3]` centre crops and `label` int32 `[D, b]`.
 
     Every record is used once.  The last batches are padded with zero images of label -1 (mask
     them out of metrics), and every process yields the same number of batches, so multi-host
@@ -228,4 +237,4 @@ def eval_batches(
         .batch(local_devices, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    yield from dataset.as_numpy_iterator()
+    return dataset.as_numpy_iterator()
