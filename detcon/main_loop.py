@@ -63,18 +63,20 @@ def main(argv: list[str]) -> None:
         if FLAGS[flag].value is not None:
             config[group][field] = FLAGS[flag].value
     workdir = FLAGS.workdir
+    _initialise_distributed()
+    import jax  # after distributed init
     if FLAGS.is_test:
         config.model.depth = 50
         config.data.image_size = 224
-        config.training.batch_size = 4
+        devices = jax.device_count()
+        config.training.batch_size = -(-4 // devices) * devices  # 4, or one per device if more
         config.training.mock_data = True
         config.training.max_steps = 1
         config.training.log_every_steps = 1
         workdir = workdir or tempfile.mkdtemp(prefix="detcon_is_test_")
     if not workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there).")
-    _initialise_distributed()
-    from detcon import train  # after distributed init: importing JAX backends must follow it
+    from detcon import train
     logging.info("Config:\n%s", config)
     result = train.run(config, workdir)
     logging.info("Done: %s (workdir %s)", {k: round(v, 4) for k, v in result.items()}, workdir)

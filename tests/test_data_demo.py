@@ -1,4 +1,4 @@
-"""Embedded demo dataset: built once from bundled photos, atomically, and readable by the pipeline."""
+"""Embedded demo dataset: built once, atomically, from bundled photos; readable by the pipeline."""
 
 import os
 
@@ -16,7 +16,9 @@ def test_demo_dataset_is_built_once_and_trains(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["demo_fh"]  # no staging directory left behind
     stamps = {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in os.listdir(directory)}
     assert demo.ensure_demo_dataset(directory) == directory
-    assert {n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in os.listdir(directory)} == stamps
+    assert {
+        n: os.stat(os.path.join(directory, n)).st_mtime_ns for n in os.listdir(directory)
+    } == stamps
 
     labels, segment_counts = set(), []
     for path in pipeline.list_shards(directory, "train"):
@@ -25,12 +27,23 @@ def test_demo_dataset_is_built_once_and_trains(tmp_path):
             labels.add(int(example["label"]))
             segment_counts.append(len(np.unique(example["fh"].numpy())))
             features = tf.train.Example.FromString(record.numpy()).features.feature
-            assert features[schema.TEXT].bytes_list.value[0].decode() == demo.PHOTOS[int(example["label"])]
+            assert (
+                features[schema.TEXT].bytes_list.value[0].decode()
+                == demo.PHOTOS[int(example["label"])]
+            )
     assert labels == set(range(len(demo.PHOTOS)))
     assert min(segment_counts) >= 3  # enough regions for DetCon to contrast
 
-    batch = next(pipeline.pretrain_batches(directory, image_size=32, local_devices=1, per_device_batch=4,
-                                           deterministic=True, shuffle_buffer=30))
+    batch = next(
+        pipeline.pretrain_batches(
+            directory,
+            image_size=32,
+            local_devices=1,
+            per_device_batch=4,
+            deterministic=True,
+            shuffle_buffer=30,
+        )
+    )
     assert batch["view1"].shape == (1, 4, 32, 32, 3)
 
 

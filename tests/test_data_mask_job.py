@@ -1,4 +1,4 @@
-"""Mask generation: odd and broken inputs, FH equality with scikit-image, resume, workers, the CLI."""
+"""Mask generation: odd and broken inputs, FH equal to scikit-image, resume, workers, the CLI."""
 
 import io
 import os
@@ -25,14 +25,16 @@ def _photo(name: str, size: tuple[int, int] = (48, 64)) -> np.ndarray:
 
 
 def _write_inputs(root: str) -> dict[str, str]:
-    """Writes a small ImageNet-layout folder with odd and broken files; returns name -> expectation."""
+    """Writes a small ImageNet-layout folder with odd and broken files; returns expectations."""
     coffee, chelsea, astronaut = _photo("coffee"), _photo("chelsea"), _photo("astronaut")
     camera = _photo("camera")
     for folder in ("cat", "cup", "person"):
         os.makedirs(os.path.join(root, folder))
     Image.fromarray(astronaut).save(os.path.join(root, "person", "plain.JPEG"), quality=90)
     Image.fromarray(coffee).save(os.path.join(root, "cup", "png_bytes.JPEG"), format="PNG")
-    Image.fromarray(coffee).convert("CMYK").save(os.path.join(root, "cup", "cmyk.JPEG"), format="JPEG")
+    Image.fromarray(coffee).convert("CMYK").save(
+        os.path.join(root, "cup", "cmyk.JPEG"), format="JPEG"
+    )
     Image.fromarray(camera).save(os.path.join(root, "person", "grey.jpg"))
     rgba = np.dstack([chelsea, np.full(chelsea.shape[:2], 200, np.uint8)])
     Image.fromarray(rgba).save(os.path.join(root, "cat", "rgba.png"))
@@ -53,7 +55,9 @@ def _write_inputs(root: str) -> dict[str, str]:
 def _generate(inputs: str, output: str, num_shards: int = 3, **kwargs) -> mask_job.SplitSummary:
     listing = image_folder.list_images(inputs)
     files = image_folder.shuffled(listing.files, seed=0)
-    options = dict(num_shards=num_shards, params=_PARAMS, seed=0, num_workers=1, show_progress=False)
+    options = dict(
+        num_shards=num_shards, params=_PARAMS, seed=0, num_workers=1, show_progress=False
+    )
     options.update(kwargs)
     return mask_job.generate_split("train", files, output, **options)
 
@@ -106,7 +110,9 @@ def test_masks_equal_scikit_image_fh_of_the_decoded_stored_image(generated):
     saw_wide_ids = False
     for record in _read_records(output):
         features = record.features.feature
-        decoded = tf.io.decode_jpeg(features[schema.ENCODED].bytes_list.value[0], channels=3).numpy()
+        decoded = tf.io.decode_jpeg(
+            features[schema.ENCODED].bytes_list.value[0], channels=3
+        ).numpy()
         expected = felzenszwalb(decoded, scale=_PARAMS.scales[0], min_size=_PARAMS.min_sizes[0])
         stored = schema.reshape_segmentations(
             schema.parse_record(record.SerializeToString())["fh_ids"], *decoded.shape[:2]
@@ -194,11 +200,17 @@ def test_empty_input_is_a_clear_error(tmp_path):
 def test_seeded_shuffle_is_a_real_permutation():
     files = [image_folder.ImageFile(f"/x/{i}.jpg", f"{i}.jpg", 0, "", None) for i in range(100)]
     once, again = image_folder.shuffled(files, 3), image_folder.shuffled(files, 3)
-    assert once == again and once != files and sorted(once, key=lambda f: int(f.relative_path[:-4])) == files
+    assert (
+        once == again
+        and once != files
+        and sorted(once, key=lambda f: int(f.relative_path[:-4])) == files
+    )
     assert image_folder.shuffled(files, 4) != once
 
 
-def crash_on_grey(image: image_folder.ImageFile, params: mask_job.FhParams) -> mask_job.EncodeResult:
+def crash_on_grey(
+    image: image_folder.ImageFile, params: mask_job.FhParams
+) -> mask_job.EncodeResult:
     """Encoder for the worker test: kills its process on one file, like a segfaulting decoder."""
     if image.relative_path.endswith("grey.jpg"):
         os._exit(1)
@@ -216,7 +228,7 @@ def test_worker_processes_keep_order_and_survive_a_crashing_file(generated):
     in_process = list(mask_job.ordered_results(files, _PARAMS, num_workers=1))
     pooled = list(mask_job.ordered_results(files, _PARAMS, num_workers=2, encode=crash_on_grey))
     assert len(pooled) == len(files)
-    for image, (record, reason), (expected, _) in zip(files, pooled, in_process):
+    for image, (record, reason), (expected, _) in zip(files, pooled, in_process, strict=True):
         if image.relative_path.endswith("grey.jpg"):
             assert record is None and "died" in reason
         else:
@@ -234,11 +246,22 @@ def test_command_line_runs_over_a_flat_folder(tmp_path):
     (flat / "c.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
     output = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, os.path.join(_REPO, "scripts", "generate_fh_masks.py"),
-         f"--train_directory={flat}", f"--validation_directory={flat}", f"--output_directory={output}",
-         "--train_shards=2", "--validation_shards=1", "--fh_scales=100", "--fh_min_sizes=20",
-         "--num_workers=1", "--noprogress"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            os.path.join(_REPO, "scripts", "generate_fh_masks.py"),
+            f"--train_directory={flat}",
+            f"--validation_directory={flat}",
+            f"--output_directory={output}",
+            "--train_shards=2",
+            "--validation_shards=1",
+            "--fh_scales=100",
+            "--fh_min_sizes=20",
+            "--num_workers=1",
+            "--noprogress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "train: wrote 2 images in 2 shards" in result.stdout

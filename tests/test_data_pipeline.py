@@ -1,4 +1,4 @@
-"""tf.data pipeline: batch layout, determinism and resume, per-process sharding, evaluation, errors."""
+"""tf.data pipeline: batch layout, determinism, resume, per-process sharding, evaluation, errors."""
 
 import os
 
@@ -12,18 +12,26 @@ _H, _W, _S = 24, 32, 16
 
 
 def _write_dataset(directory: str, split: str, num_shards: int, per_shard: int) -> None:
-    """Writes shards of tiny records; record i has label i + 1 and mask ids in [10 * i, 10 * i + 3]."""
+    """Writes tiny records; record i has label i + 1 and mask ids 10 * i .. 10 * i + 3."""
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(0)
     index = 0
     for shard in range(num_shards):
-        with fh_records.atomic_shard(os.path.join(directory, shards.shard_name(split, shard, num_shards))) as writer:
+        with fh_records.atomic_shard(
+            os.path.join(directory, shards.shard_name(split, shard, num_shards))
+        ) as writer:
             for _ in range(per_shard):
                 pixels = rng.integers(0, 256, (_H, _W, 3), dtype=np.uint8)
-                quadrant = (np.arange(_H)[:, None] >= _H // 2) * 2 + (np.arange(_W)[None] >= _W // 2)
+                quadrant = (np.arange(_H)[:, None] >= _H // 2) * 2 + (
+                    np.arange(_W)[None] >= _W // 2
+                )
                 example = schema.build_example(
-                    jpeg=image_codec.encode_jpeg(pixels), height=_H, width=_W,
-                    segmentations=(10 * index + quadrant)[None], filename=f"{index}.jpg", label=index + 1,
+                    jpeg=image_codec.encode_jpeg(pixels),
+                    height=_H,
+                    width=_W,
+                    segmentations=(10 * index + quadrant)[None],
+                    filename=f"{index}.jpg",
+                    label=index + 1,
                 )
                 writer.write(example.SerializeToString())
                 index += 1
@@ -38,7 +46,9 @@ def dataset(tmp_path_factory) -> str:
 
 
 def _batches(directory: str, count: int, **kwargs) -> list[dict[str, np.ndarray]]:
-    options = dict(image_size=_S, local_devices=2, per_device_batch=2, deterministic=True, shuffle_buffer=8)
+    options = dict(
+        image_size=_S, local_devices=2, per_device_batch=2, deterministic=True, shuffle_buffer=8
+    )
     options.update(kwargs)
     iterator = pipeline.pretrain_batches(directory, **options)
     return [next(iterator) for _ in range(count)]
@@ -62,18 +72,20 @@ def test_pretrain_batches_have_the_contract_shapes_dtypes_and_ranges(dataset):
 
 def test_deterministic_mode_repeats_exactly_and_the_seed_matters(dataset):
     first, again = _batches(dataset, 4), _batches(dataset, 4)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
     other = _batches(dataset, 4, seed=1)
-    assert any(not np.array_equal(a["view1"], b["view1"]) for a, b in zip(first, other))
+    assert any(
+        not np.array_equal(a["view1"], b["view1"]) for a, b in zip(first, other, strict=True)
+    )
 
 
 def test_start_step_resumes_the_same_stream_across_an_epoch_boundary(dataset):
     full = _batches(dataset, 5)  # 12 records per epoch, 4 per batch: batch 3 starts epoch 1
     for start in (2, 4):
         resumed = _batches(dataset, 5 - start, start_step=start)
-        for a, b in zip(full[start:], resumed):
+        for a, b in zip(full[start:], resumed, strict=True):
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key])
 
@@ -92,8 +104,14 @@ def test_processes_read_disjoint_parts_that_cover_the_dataset(tmp_path, num_shar
     per_process = 12 // process_count
     seen = []
     for process in range(process_count):
-        batches = _batches(directory, per_process // 2, local_devices=1, per_device_batch=2,
-                           process_index=process, process_count=process_count)
+        batches = _batches(
+            directory,
+            per_process // 2,
+            local_devices=1,
+            per_device_batch=2,
+            process_index=process,
+            process_count=process_count,
+        )
         labels = np.concatenate([b["label"].ravel() for b in batches])  # exactly one epoch
         assert len(set(labels)) == per_process
         seen.append(set(labels))
@@ -113,13 +131,23 @@ def test_split_for_process_gives_disjoint_covering_files():
 def test_eval_batches_cover_every_record_once_padded_to_equal_length(dataset):
     per_process = []
     for process in range(2):
-        batches = list(pipeline.eval_batches(dataset, image_size=_S, local_devices=1, per_device_batch=2,
-                                             process_index=process, process_count=2))
+        batches = list(
+            pipeline.eval_batches(
+                dataset,
+                image_size=_S,
+                local_devices=1,
+                per_device_batch=2,
+                process_index=process,
+                process_count=2,
+            )
+        )
         for batch in batches:
             assert batch["image"].shape == (1, 2, _S, _S, 3) and batch["image"].dtype == np.float32
             assert batch["label"].dtype == np.int32
         per_process.append(np.concatenate([b["label"].ravel() for b in batches]))
-    assert len(per_process[0]) == len(per_process[1]) == 4  # 5 records: 3 and 2, padded to 2 batches
+    assert (
+        len(per_process[0]) == len(per_process[1]) == 4
+    )  # 5 records: 3 and 2, padded to 2 batches
     labels = np.concatenate(per_process)
     assert sorted(labels[labels >= 0]) == list(range(5)) and (labels == -1).sum() == 3
 
@@ -128,7 +156,9 @@ def test_missing_or_incomplete_datasets_fail_with_the_fix(tmp_path, dataset):
     with pytest.raises(FileNotFoundError, match="nope.*generate_fh_masks.py --train_directory"):
         pipeline.list_shards(str(tmp_path / "nope"), "train")
     with pytest.raises(FileNotFoundError, match="nope"):  # at the call, before any next()
-        pipeline.pretrain_batches(str(tmp_path / "nope"), image_size=8, local_devices=1, per_device_batch=1)
+        pipeline.pretrain_batches(
+            str(tmp_path / "nope"), image_size=8, local_devices=1, per_device_batch=1
+        )
     with pytest.raises(FileNotFoundError, match="no 'train' shards.*generate_fh_masks.py"):
         pipeline.list_shards(str(tmp_path), "train")
     partial = tmp_path / "partial"

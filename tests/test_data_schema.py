@@ -7,7 +7,9 @@ import tensorflow as tf
 from detcon.data import image_codec, pipeline, schema
 
 
-def _image_and_mask(height: int = 12, width: int = 20, num_ids: int = 7) -> tuple[bytes, np.ndarray]:
+def _image_and_mask(
+    height: int = 12, width: int = 20, num_ids: int = 7
+) -> tuple[bytes, np.ndarray]:
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     ids = rng.integers(0, num_ids, (2, height, width))
@@ -25,12 +27,22 @@ def _official_reader_ids(serialized: bytes, num_scales: int, height: int, width:
 def test_round_trip_keeps_image_label_and_masks():
     jpeg, ids = _image_and_mask()
     example = schema.build_example(
-        jpeg=jpeg, height=12, width=20, segmentations=ids, filename="a.jpg", label=3,
-        synset="n0001", text="thing", fh_scales=(10.0, 20.0), fh_min_sizes=(5, 6),
+        jpeg=jpeg,
+        height=12,
+        width=20,
+        segmentations=ids,
+        filename="a.jpg",
+        label=3,
+        synset="n0001",
+        text="thing",
+        fh_scales=(10.0, 20.0),
+        fh_min_sizes=(5, 6),
     )
     decoded = pipeline.decode_example(example.SerializeToString())
     np.testing.assert_array_equal(decoded["fh"].numpy(), ids)
-    np.testing.assert_array_equal(decoded["image"].numpy(), tf.io.decode_jpeg(jpeg, channels=3).numpy())
+    np.testing.assert_array_equal(
+        decoded["image"].numpy(), tf.io.decode_jpeg(jpeg, channels=3).numpy()
+    )
     assert decoded["label"].numpy() == 2  # stored labels count from 1, training classes from 0
     features = example.features.feature
     assert features[schema.TEXT].bytes_list.value == [b"thing"]

@@ -11,7 +11,7 @@ _GRID = (4, 5)
 
 
 def _regions_image() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (uint8 image [96, 120, 3] whose colour encodes its block, block ids [60, 80], palette)."""
+    """Returns (uint8 [96, 120, 3] image whose colour encodes its block, block ids, palette)."""
     rng = np.random.default_rng(1)
     num = _GRID[0] * _GRID[1]
     # Colours far apart, so a slightly blurred interior pixel still maps back to its own block.
@@ -23,7 +23,9 @@ def _regions_image() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _ids_from_colours(view: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    distances = np.linalg.norm(view[..., None, :] * 255.0 - palette[None, None].astype(np.float32), axis=-1)
+    distances = np.linalg.norm(
+        view[..., None, :] * 255.0 - palette[None, None].astype(np.float32), axis=-1
+    )
     return distances.argmin(-1)
 
 
@@ -60,7 +62,9 @@ def test_random_views_keep_mask_aligned_with_content_away_from_boundaries():
 def test_crop_windows_respect_area_and_aspect_ranges():
     areas, aspects = [], []
     for seed in range(200):
-        offset, size = views.random_crop_window(tf.constant([120, 160, 3]), tf.constant([seed, 0], tf.int64))
+        offset, size = views.random_crop_window(
+            tf.constant([120, 160, 3]), tf.constant([seed, 0], tf.int64)
+        )
         offset, size = offset.numpy(), size.numpy()
         assert (offset >= 0).all() and (offset + size <= [120, 160]).all()
         areas.append(size.prod() / (120 * 160))

@@ -23,7 +23,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
 # ImageNet's 1000/1000 would leave 1-9 segments on images this small (~1/6 of ImageNet's area);
 # 500/250 gives 8-25, about what ImageNet photos get with the defaults.
 PARAMS = mask_job.FhParams(scales=(500.0,), min_sizes=(250,))
-# (name, top, left, height, width) as fractions of the photo; "train" and "validation" never share one.
+# (name, top, left, height, width) as fractions of the photo; train and validation share none.
 _TRAIN_VARIANTS = (
     ("full", 0.0, 0.0, 1.0, 1.0),
     ("crop_top_left", 0.0, 0.0, 0.75, 0.75),
@@ -35,7 +35,9 @@ _VALIDATION_VARIANTS = (("crop_wide", 0.1, 0.0, 0.8, 1.0),)
 
 def data_home() -> str:
     """Returns `$DETCON_DATA_HOME`, default `~/.cache/detcon`."""
-    return os.environ.get("DETCON_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "detcon")
+    return os.environ.get("DETCON_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "detcon"
+    )
 
 
 def _photo(name: str) -> np.ndarray:
@@ -91,7 +93,7 @@ def _build(directory: str) -> None:
 
 
 def ensure_demo_dataset(directory: str | None = None) -> str:
-    """Returns the demo dataset directory, building it first if absent (default `$DETCON_DATA_HOME/demo_fh`)."""
+    """Returns the demo dataset directory (default `$DETCON_DATA_HOME/demo_fh`), built if absent."""
     directory = os.path.abspath(directory or os.path.join(data_home(), DEFAULT_DIRECTORY_NAME))
     if os.path.isdir(directory):
         return directory

@@ -1,4 +1,4 @@
-"""One image file -> one serialized DetCon record (RGB JPEG + FH segmentations); atomic shard files."""
+"""One image file -> one serialized DetCon record (RGB JPEG + FH masks); atomic shard files."""
 
 import contextlib
 import os
@@ -48,12 +48,12 @@ def encode_record(
         fh_scales=scales,
         fh_min_sizes=min_sizes,
     )
-    # deterministic: map order otherwise varies between processes, and re-runs should be byte-identical.
+    # Map order otherwise varies between processes; re-runs should be byte-identical.
     return example.SerializeToString(deterministic=True)
 
 
 def temporary_path(path: str) -> str:
-    """Returns the hidden name a shard is written under until complete (never matches shard globs)."""
+    """Returns the hidden name a shard has until complete (it never matches shard globs)."""
     directory, name = os.path.split(path)
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
 

@@ -32,7 +32,7 @@ def _tf_decode(data: bytes) -> np.ndarray | None:
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Returns uint8 `[H, W, 3]` for a loaded Pillow image of any mode (alpha composited on white)."""
+    """Returns uint8 `[H, W, 3]` for a loaded Pillow image of any mode (alpha over white)."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         if image.mode != "F" and values.max() > 255:

@@ -1,4 +1,4 @@
-"""Lists the images of an ImageNet-layout (`DIR/<class>/<image>`) or flat folder, with 1-based labels."""
+"""Lists the images of an ImageNet-layout (`DIR/<class>/<image>`) or flat folder, labels from 1."""
 
 import collections
 import dataclasses
@@ -10,7 +10,7 @@ from PIL import Image
 
 from detcon.data import schema
 
-# Formats TensorFlow decodes plus everything Pillow registers (ImageNet alone has .JPEG, .jpg, .png).
+# Formats TensorFlow decodes plus all Pillow registers (ImageNet alone has .JPEG, .jpg, .png).
 _EXTRA_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp")
 
 
@@ -37,7 +37,9 @@ class Listing:
 def image_extensions() -> frozenset[str]:
     """Returns the lower-case file extensions treated as images."""
     Image.init()
-    return frozenset(e.lower() for e in Image.registered_extensions()) | frozenset(_EXTRA_EXTENSIONS)
+    return frozenset(e.lower() for e in Image.registered_extensions()) | frozenset(
+        _EXTRA_EXTENSIONS
+    )
 
 
 def read_labels_file(path: str) -> list[str]:
@@ -45,7 +47,9 @@ def read_labels_file(path: str) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         names = [line.strip() for line in handle if line.strip()]
     if not names:
-        raise ValueError(f"--labels_file {path!r} is empty; it needs one class folder name per line")
+        raise ValueError(
+            f"--labels_file {path!r} is empty; it needs one class folder name per line"
+        )
     duplicates = sorted(n for n, c in collections.Counter(names).items() if c > 1)
     if duplicates:
         raise ValueError(f"--labels_file {path!r} lists classes more than once: {duplicates[:5]}")
@@ -62,7 +66,8 @@ def read_metadata_file(path: str) -> dict[str, str]:
             name, separator, text = line.rstrip("\n").partition("\t")
             if not separator:
                 raise ValueError(
-                    f"{path}:{number}: expected '<class folder>\\t<text>' (tab-separated), got {line!r}"
+                    f"{path}:{number}: expected '<class folder>\\t<text>' (tab-separated), "
+                    f"got {line!r}"
                 )
             mapping[name.strip()] = text.strip()
     return mapping
@@ -73,7 +78,7 @@ def _visible(name: str) -> bool:
 
 
 def _walk_files(root: str) -> list[str]:
-    """Returns every visible regular file under `root`, sorted so the listing is machine-independent."""
+    """Returns every visible file under `root`, sorted so the listing is machine-independent."""
     found = []
     for directory, subdirectories, names in os.walk(root, followlinks=True):
         subdirectories[:] = sorted(d for d in subdirectories if _visible(d))
@@ -84,9 +89,11 @@ def _walk_files(root: str) -> list[str]:
 def list_images(
     directory: str, labels_file: str | None = None, metadata_file: str | None = None
 ) -> Listing:
-    """Returns the images under `directory`: class folders if it has subfolders, else a flat folder."""
+    """Returns the images under `directory`: class folders if it has any, else a flat folder."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"image directory {directory!r} does not exist or is not a directory")
+        raise FileNotFoundError(
+            f"image directory {directory!r} does not exist or is not a directory"
+        )
     extensions = image_extensions()
     entries = sorted(e for e in os.listdir(directory) if _visible(e))
     class_folders = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
@@ -124,15 +131,15 @@ def list_images(
             )
         if top_files:
             warnings.append(
-                f"{len(top_files)} files directly in {directory!r} belong to no class folder and are "
-                f"left out (e.g. {top_files[:3]})"
+                f"{len(top_files)} files directly in {directory!r} belong to no class folder "
+                f"and are left out (e.g. {top_files[:3]})"
             )
         if metadata is not None:
             unnamed = [c for c in classes if c not in metadata]
             if unnamed:
                 warnings.append(
-                    f"{len(unnamed)} classes have no line in the metadata file (e.g. {unnamed[:3]}); "
-                    "their records carry no image/class/text"
+                    f"{len(unnamed)} classes have no line in the metadata file "
+                    f"(e.g. {unnamed[:3]}); their records carry no image/class/text"
                 )
         for label, synset in enumerate(classes, start=1):
             class_directory = os.path.join(directory, synset)
@@ -155,7 +162,7 @@ def shuffled(files: list[ImageFile], seed: int) -> list[ImageFile]:
 
 
 def listing_digest(files: list[ImageFile]) -> str:
-    """Returns a hash of the ordered (relative path, label) list, to detect a changed input on resume."""
+    """Returns a hash of the ordered (path, label) list, to detect changed inputs on resume."""
     digest = hashlib.sha256()
     for image in files:
         digest.update(f"{image.relative_path}\0{image.label}\0{image.synset}\n".encode())

@@ -36,8 +36,8 @@ class FhParams:
     def __post_init__(self) -> None:
         if not self.scales or len(self.scales) != len(self.min_sizes):
             raise ValueError(
-                f"--fh_scales {list(self.scales)} and --fh_min_sizes {list(self.min_sizes)} must be "
-                "non-empty and of equal length (one min size per scale)"
+                f"--fh_scales {list(self.scales)} and --fh_min_sizes {list(self.min_sizes)} "
+                "must be non-empty and of equal length (one min size per scale)"
             )
         if min(self.scales) <= 0 or min(self.min_sizes) < 0:
             raise ValueError("--fh_scales must be > 0 and --fh_min_sizes >= 0")
@@ -57,11 +57,11 @@ class SplitSummary:
 def shard_bounds(num_files: int, num_shards: int) -> list[tuple[int, int]]:
     """Returns the [start, end) file range of each shard: near-equal contiguous slices."""
     edges = np.linspace(0, num_files, num_shards + 1).astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def task_shards(num_shards: int, task_index: int, num_tasks: int) -> list[int]:
-    """Returns the shard indices that task `task_index` of `num_tasks` writes (strided, disjoint)."""
+    """Returns the shards task `task_index` of `num_tasks` writes (strided, disjoint)."""
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"--task_index={task_index} must lie in [0, --num_tasks={num_tasks})")
     return list(range(task_index, num_shards, num_tasks))
@@ -122,8 +122,10 @@ _DIED = "the worker process died on this file (crashed or killed, e.g. out of me
 _MAX_DEATHS_IN_A_ROW = 3  # more than this is a broken environment, not a few bad files
 
 
-def _isolate(images: Sequence[image_folder.ImageFile], params: FhParams, encode: Encoder) -> Iterator[EncodeResult]:
-    """Yields results for images after a worker died, one at a time, so only the culprit is skipped."""
+def _isolate(
+    images: Sequence[image_folder.ImageFile], params: FhParams, encode: Encoder
+) -> Iterator[EncodeResult]:
+    """Yields results after a worker died, one file at a time, so only the culprit is skipped."""
     pool = _new_pool(1)
     deaths_in_a_row = 0
     try:
@@ -135,7 +137,8 @@ def _isolate(images: Sequence[image_folder.ImageFile], params: FhParams, encode:
                 deaths_in_a_row += 1
                 if deaths_in_a_row > _MAX_DEATHS_IN_A_ROW:
                     raise RuntimeError(
-                        f"worker processes died on {deaths_in_a_row} files in a row (last: {image.path}); "
+                        f"worker processes died on {deaths_in_a_row} files in a row "
+                        f"(last: {image.path}); "
                         "that is not a bad file but a broken worker: see the error above (out of "
                         "memory? a script without `if __name__ == '__main__':`?). Completed shards "
                         "are kept; fix it and re-run the same command to resume"
@@ -154,7 +157,8 @@ def ordered_results(
     num_workers: int,
     encode: Encoder | None = None,
 ) -> Iterator[EncodeResult]:
-    """Yields `encode(image)` (default `encode_file`) for each image in order, by `num_workers` processes (1: here)."""
+    """Yields `encode(image)` (default `encode_file`) per image, in order, from `num_workers`
+    processes (1: in this process)."""
     encode = encode or encode_file
     if num_workers <= 1:
         for image in images:
@@ -167,7 +171,9 @@ def ordered_results(
         submitted = position
         try:
             while position < len(images):
-                while submitted < len(images) and len(pending) < _IN_FLIGHT_PER_WORKER * num_workers:
+                while (
+                    submitted < len(images) and len(pending) < _IN_FLIGHT_PER_WORKER * num_workers
+                ):
                     pending.append(pool.submit(encode, images[submitted], params))
                     submitted += 1
                 result = pending[0].result()
@@ -176,7 +182,8 @@ def ordered_results(
                 yield result
         except concurrent.futures.process.BrokenProcessPool:
             logging.warning(
-                "a worker process died; re-running its %d unfinished files one at a time", len(pending)
+                "a worker process died; re-running its %d unfinished files one at a time",
+                len(pending),
             )
             # Results that finished before the crash are kept; the rest run again in isolation.
             for future in pending:
@@ -193,7 +200,9 @@ def ordered_results(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _manifest(split: str, files: list[image_folder.ImageFile], num_shards: int, params: FhParams, seed: int) -> dict:
+def _manifest(
+    split: str, files: list[image_folder.ImageFile], num_shards: int, params: FhParams, seed: int
+) -> dict:
     return {
         "version": MANIFEST_VERSION,
         "split": split,
@@ -221,15 +230,18 @@ def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
         differing = sorted(k for k in manifest if previous.get(k) != manifest[k])
         if differing:
             raise ValueError(
-                f"{output_directory!r} already holds {split!r} shards made with different settings or "
-                f"input files (differs in: {', '.join(differing)}; see {path}). Re-run with the same "
-                "arguments and inputs to resume, or use a new --output_directory"
+                f"{output_directory!r} already holds {split!r} shards made with different "
+                f"settings or input files (differs in: {', '.join(differing)}; see {path}). "
+                "Re-run with the same arguments and inputs to resume, or use a new --output_directory"
             )
         return
-    existing = [n for n in os.listdir(output_directory) if n.startswith(f"{split}-") and "-of-" in n]
+    existing = [
+        n for n in os.listdir(output_directory) if n.startswith(f"{split}-") and "-of-" in n
+    ]
     if existing:
         raise ValueError(
-            f"{output_directory!r} holds {split!r} shards (e.g. {existing[0]}) but no {os.path.basename(path)}, "
+            f"{output_directory!r} holds {split!r} shards (e.g. {existing[0]}) but no "
+            f"{os.path.basename(path)}, "
             "so they were not made by this tool with these arguments; use a new --output_directory"
         )
     temporary = f"{path}.tmp-{os.getpid()}"
@@ -251,7 +263,7 @@ def generate_split(
     num_tasks: int = 1,
     show_progress: bool = True,
 ) -> SplitSummary:
-    """Writes this task's missing shards of `split` for `files` (already shuffled); returns a summary."""
+    """Writes this task's missing shards of `split` from `files` (shuffled); returns a summary."""
     if num_shards < 1:
         raise ValueError(f"--{split}_shards must be >= 1, got {num_shards}")
     os.makedirs(output_directory, exist_ok=True)
@@ -259,7 +271,10 @@ def generate_split(
     if num_shards > len(files):
         logging.warning(
             "%s: %d shards for %d images; %d shards will be empty",
-            split, num_shards, len(files), num_shards - len(files),
+            split,
+            num_shards,
+            len(files),
+            num_shards - len(files),
         )
     bounds = shard_bounds(len(files), num_shards)
     summary = SplitSummary(split)
@@ -277,7 +292,11 @@ def generate_split(
     images = [files[i] for _, (start, end) in todo for i in range(start, end)]
     results = ordered_results(images, params, num_workers)
     progress = tqdm.tqdm(
-        total=len(images), desc=split, unit="img", disable=not (show_progress and images), smoothing=0.05
+        total=len(images),
+        desc=split,
+        unit="img",
+        disable=not (show_progress and images),
+        smoothing=0.05,
     )
     try:
         for path, (start, end) in todo:

@@ -19,7 +19,9 @@ from detcon.data import image_codec, schema, shards, views
 
 list_shards = shards.list_shards  # part of this module's interface (the training loop imports it)
 
-_INTERLEAVE_CYCLE = 16  # fixed (not AUTOTUNE) so the record order does not depend on the host's cores
+_INTERLEAVE_CYCLE = (
+    16  # fixed (not AUTOTUNE) so the record order does not depend on the host's cores
+)
 _SEED_MIX = 0x9E3779B1  # spreads (seed, process) pairs apart in the stateless seed space
 
 
@@ -31,9 +33,11 @@ def num_examples(dataset_directory: str, split: str = "train") -> int:
 def split_for_process(
     paths: list[str], process_index: int, process_count: int
 ) -> tuple[list[str], bool]:
-    """Returns (this process's files, whether to shard records instead because files < processes)."""
+    """Returns (this process's files, whether to shard records instead: files < processes)."""
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+        raise ValueError(
+            f"process_index={process_index} must lie in [0, process_count={process_count})"
+        )
     if len(paths) >= process_count:
         return paths[process_index::process_count], False
     return list(paths), True
@@ -45,7 +49,7 @@ def _label(stored: tf.Tensor) -> tf.Tensor:
 
 
 def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Returns `image` uint8 `[H, W, 3]`, `fh` int32 `[K, H, W]` and `label` int32 (0-based, -1 none)."""
+    """Returns `image` uint8 `[H, W, 3]`, `fh` int32 `[K, H, W]`, `label` int32 (-1: none)."""
     record = schema.parse_record(serialized)
     image = image_codec.decode_rgb(record["encoded"])
     shape = tf.shape(image)
@@ -56,12 +60,14 @@ def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 def two_views(
     example: dict[str, tf.Tensor], image_size: int, fh_mask_index: int, seed: tf.Tensor
 ) -> dict[str, tf.Tensor]:
-    """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`, `label`."""
+    """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`,
+    `label`."""
     fh = example["fh"]
     check = tf.debugging.assert_less(
         fh_mask_index,
         tf.shape(fh)[0],
-        message=f"fh_mask_index={fh_mask_index} but the records hold fewer FH masks (one per --fh_scales entry)",
+        message=f"fh_mask_index={fh_mask_index} but the records hold fewer FH masks "
+        "(one per --fh_scales entry of scripts/generate_fh_masks.py)",
     )
     with tf.control_dependencies([check]):
         mask = fh[fh_mask_index]
@@ -77,7 +83,9 @@ def two_views(
     }
 
 
-def _epoch_size(paths: list[str], files: list[str], example_level: bool, process_index: int, process_count: int) -> int:
+def _epoch_size(
+    paths: list[str], files: list[str], example_level: bool, process_index: int, process_count: int
+) -> int:
     """Returns how many records this process reads per epoch (reads record headers only)."""
     if not example_level:
         return sum(shards.count_records(p) for p in files)
@@ -112,7 +120,9 @@ def _epoch_records(
         records = records.shard(*example_shard)
     records = records.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch)
     records = records.enumerate()
-    skip = tf.where(epoch == first_epoch, tf.constant(skip_in_first_epoch, tf.int64), tf.constant(0, tf.int64))
+    skip = tf.where(
+        epoch == first_epoch, tf.constant(skip_in_first_epoch, tf.int64), tf.constant(0, tf.int64)
+    )
     return records.skip(skip).map(lambda position, record: (epoch, position, record))
 
 
@@ -132,7 +142,10 @@ def pretrain_batches(
     shuffle_buffer: int = 10_000,
     num_parallel_calls: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Returns an endless iterator of `view1`/`view2` float32 `[D, b, S, S, 3]`, `fh_mask1`/`fh_mask2` int32 `[D, b, S, S]`, `label` int32 `[D, b]`.
+    """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
+
+    Keys: `view1`, `view2` float32 `[D, b, S, S, 3]` in [0, 1]; `fh_mask1`, `fh_mask2` int32
+    `[D, b, S, S]` segment ids; `label` int32 `[D, b]` (0-based class, -1 for unlabelled).
 
     The shuffle buffer holds `shuffle_buffer` raw records (JPEG + mask bytes, ~300 KB each for
     ImageNet), so the default 10_000 needs ~3 GB of host memory per process.
@@ -146,13 +159,17 @@ def pretrain_batches(
     paths = list_shards(dataset_directory, split)
     files, example_level = split_for_process(paths, process_index, process_count)
     if not any(tf.io.gfile.stat(p).length for p in files):
-        raise ValueError(f"the {split!r} shards in {dataset_directory!r} for this process hold no records")
+        raise ValueError(
+            f"the {split!r} shards in {dataset_directory!r} for this process hold no records"
+        )
     local_batch = local_devices * per_device_batch
     first_epoch, skip_in_first_epoch = 0, 0
     if start_step:
         epoch_size = _epoch_size(paths, files, example_level, process_index, process_count)
         if epoch_size == 0:
-            raise ValueError(f"process {process_index} gets no {split!r} records from {dataset_directory!r}")
+            raise ValueError(
+                f"process {process_index} gets no {split!r} records from {dataset_directory!r}"
+            )
         first_epoch, skip_in_first_epoch = divmod(start_step * local_batch, epoch_size)
 
     files_tensor = tf.constant(files)
@@ -201,7 +218,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Returns an iterator over one pass of `image` float32 `[D, b, S, S, 3]` centre crops and `label` int32 `[D, b]`.
+    """Returns one pass of `image` float32 `[D, b, S, S, 3]` centre crops, `label` int32 `[D, b]`.
 
     Every record is used once.  The last batches are padded with zero images of label -1 (mask
     them out of metrics), and every process yields the same number of batches, so multi-host
@@ -228,7 +245,10 @@ def eval_batches(
     if example_level:
         records = records.shard(process_count, process_index)
     pad = tf.data.Dataset.from_tensors(
-        {"image": tf.zeros([image_size, image_size, 3], tf.float32), "label": tf.constant(-1, tf.int32)}
+        {
+            "image": tf.zeros([image_size, image_size, 3], tf.float32),
+            "label": tf.constant(-1, tf.int32),
+        }
     ).repeat(padding)
     dataset = (
         records.map(to_eval, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

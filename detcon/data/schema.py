@@ -5,7 +5,7 @@ The keys are those of the official DetCon `generate_fh_masks_for_imagenet.py` (i
 
 Segment ids wider than a byte.  The official key holds the raw bytes of a uint8 `[K, H, W]` array,
 so an image with more than 256 segments cannot be stored there without loss.  When any id exceeds
-255 we write, in addition, the little-endian uint16 `[K, H, W]` array under `FH_SEGMENTATIONS_UINT16`:
+255 we also write the little-endian uint16 `[K, H, W]` array under `FH_SEGMENTATIONS_UINT16`:
  - our reader prefers that key whenever it is present, so ids up to 65535 survive exactly;
  - the official key then holds `ids % 256`, byte for byte what the official tool would have
    written, so official readers keep working (with the wrapped ids they always had).
@@ -63,7 +63,7 @@ def build_example(
     fh_scales: Sequence[float] = (),
     fh_min_sizes: Sequence[int] = (),
 ) -> tf.train.Example:
-    """Returns the Example for RGB `jpeg` of size `height` x `width` and its `[K, H, W]` segment ids."""
+    """Returns the Example for RGB `jpeg` (`height` x `width`) and its `[K, H, W]` segment ids."""
     if segmentations.ndim != 3 or segmentations.shape[1:] != (height, width):
         raise ValueError(
             f"{filename}: segmentations have shape {segmentations.shape}, expected "
@@ -72,7 +72,8 @@ def build_example(
     if segmentations.size and (segmentations.min() < 0 or segmentations.max() > MAX_SEGMENT_ID):
         raise ValueError(
             f"{filename}: segment ids must lie in [0, {MAX_SEGMENT_ID}], got "
-            f"[{segmentations.min()}, {segmentations.max()}]; raise --fh_min_sizes to get fewer segments"
+            f"[{segmentations.min()}, {segmentations.max()}]; raise --fh_min_sizes to get fewer "
+            "segments"
         )
     feature = {
         ENCODED: _bytes(jpeg),
@@ -107,7 +108,7 @@ _PARSE_SPEC = {
 
 
 def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Returns `encoded` (scalar string), `label` (int64, as stored) and `fh_ids` (int32 `[K*H*W]`)."""
+    """Returns `encoded` (scalar string), `label` (int64 as stored), `fh_ids` (int32 `[K*H*W]`)."""
     parsed = tf.io.parse_single_example(serialized, _PARSE_SPEC)
     ids8 = tf.strings.reduce_join(parsed[FH_SEGMENTATIONS].values)
     ids16 = tf.strings.reduce_join(parsed[FH_SEGMENTATIONS_UINT16].values)
@@ -120,7 +121,7 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def reshape_segmentations(fh_ids: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
-    """Returns flat ids `[K*H*W]` as `[K, H, W]`, failing clearly when the size is no multiple of H*W."""
+    """Returns flat ids `[K*H*W]` as `[K, H, W]`; fails clearly if the size is no multiple of H*W."""
     pixels = tf.cast(height, tf.int32) * tf.cast(width, tf.int32)
     size = tf.size(fh_ids)
     check = tf.debugging.assert_equal(

@@ -1,4 +1,4 @@
-"""Shard file names (`train-00000-of-02048`), listing a split's shards, and counting their records."""
+"""Shard file names (`train-00000-of-02048`), listing a split's shards, counting their records."""
 
 import os
 import re
@@ -19,7 +19,7 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def list_shards(dataset_directory: str, split: str) -> list[str]:
-    """Returns the sorted paths of all shards of `split`; raises FileNotFoundError if none or some missing."""
+    """Returns the sorted paths of all shards of `split`; FileNotFoundError if none or some missing."""
     hint = GENERATE_COMMAND.format(directory=dataset_directory)
     if not tf.io.gfile.isdir(dataset_directory):
         raise FileNotFoundError(
@@ -32,7 +32,8 @@ def list_shards(dataset_directory: str, split: str) -> list[str]:
             found.setdefault(int(match["count"]), set()).add(int(match["index"]))
     if not found:
         raise FileNotFoundError(
-            f"no {split!r} shards ({split}-NNNNN-of-NNNNN) in {dataset_directory!r}; make them with: {hint}"
+            f"no {split!r} shards ({split}-NNNNN-of-NNNNN) in {dataset_directory!r}; "
+            f"make them with: {hint}"
         )
     if len(found) > 1:
         raise ValueError(

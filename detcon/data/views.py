@@ -19,7 +19,7 @@ def _resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (offset [y, x], size [h, w]) of a random-resized-crop window (area 8-100%, aspect 3/4-4/3)."""
+    """Returns (offset [y, x], size [h, w]) of a random crop: area 8-100%, aspect 3/4-4/3."""
     whole_image = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_shape,
@@ -43,7 +43,7 @@ def crop_flip_resize(
     flip: tf.Tensor,
     image_size: int,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (float32 `[S, S, 3]`, int32 `[S, S]`): the same window of uint8 image `[H, W, 3]` and mask `[H, W]`."""
+    """Returns (float32 `[S, S, 3]`, int32 `[S, S]`): one window of image `[H, W, 3]` and mask `[H, W]`."""
     image = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], 3]))
     mask = tf.slice(mask, offset, size)
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -58,7 +58,7 @@ def crop_flip_resize(
 def random_view(
     image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns one pretraining view (float32 `[S, S, 3]`, int32 mask `[S, S]`) of uint8 `[H, W, 3]` + `[H, W]`."""
+    """Returns one view (float32 `[S, S, 3]`, int32 mask `[S, S]`) of uint8 `[H, W, 3]` + `[H, W]`."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     offset, size = random_crop_window(tf.shape(image), crop_seed)
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5
@@ -66,7 +66,7 @@ def random_view(
 
 
 def centre_view(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Returns float32 `[S, S, 3]`: shorter side resized to S / 0.875, then the centre S x S crop."""
+    """Returns float32 `[S, S, 3]`: shorter side resized to S / 0.875, then the centre S x S."""
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     resize_to = tf.math.ceil(image_size / EVAL_CROP_FRACTION)
     scale = resize_to / tf.reduce_min(shape)

@@ -1,0 +1,167 @@
+"""The training loop end to end: resume equality, CLI runs, guards, multi-process, --is_test."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config
+from detcon import checkpoint as checkpoint_lib
+from detcon import train
+
+
+class Preempted(Exception):
+    pass
+
+
+def _steps(workdir) -> list[int]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def _losses(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def _config(max_steps: int):
+    config = tiny_config(batch_size=8)  # one example on each of the 8 fake devices
+    config.training.max_steps = max_steps
+    config.training.checkpoint_every_steps = 2
+    config.training.keep_checkpoints = 5
+    return config
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    config = _config(4)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.run(config, straight)
+
+    real_save = checkpoint_lib.save
+
+    def save_then_preempt(manager, state, meta):
+        real_save(manager, state, meta)
+        if int(state.step) == 2:
+            raise Preempted()
+
+    monkeypatch.setattr(train.checkpoint_lib, "save", save_then_preempt)
+    with pytest.raises(Preempted):
+        train.run(config, resumed)
+    monkeypatch.undo()
+    assert checkpoint_lib.make_manager(resumed, 5).latest_step() == 2
+    train.run(config, resumed)
+
+    for network in ("online", "target"):
+        p_a, s_a, _ = checkpoint_lib.load_network(straight, network)
+        p_b, s_b, _ = checkpoint_lib.load_network(resumed, network)
+        chex.assert_trees_all_close(p_a, p_b, rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(s_a, s_b, rtol=1e-6, atol=1e-6)
+    assert _steps(resumed) == [1, 2, 3, 4]
+    np.testing.assert_allclose(_losses(resumed), _losses(straight), rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    config = _config(6)
+    real_batches = train.mock_batches
+
+    def poisoned(config, start_step, local_devices, per_device):
+        for step, batch in enumerate(real_batches(config, start_step, local_devices, per_device),
+                                     start=start_step):
+            if step >= 3:  # the 4th update sees NaN pixels
+                batch["view1"] = np.full_like(batch["view1"], np.nan)
+            yield batch
+
+    monkeypatch.setattr(train, "mock_batches", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match="Non-finite loss .* step 4"):
+        train.run(config, str(tmp_path))
+    assert checkpoint_lib.make_manager(str(tmp_path), 5).all_steps() == [2]
+    assert _steps(tmp_path) == [1, 2, 3]
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
+    config = _config(1)
+    config.training.batch_size = 12
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        train.run(config, str(tmp_path))
+
+
+def test_missing_dataset_directory_names_path_and_command(tmp_path):
+    config = _config(1)
+    config.training.mock_data = False
+    config.data.demo = False
+    config.data.dataset_directory = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere.*generate_fh_masks.py"):
+        train.run(config, str(tmp_path / "w"))
+
+
+def _main_loop(args, devices: int, timeout: int = 900, **env) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
+    result = subprocess.run([sys.executable, "-m", "detcon.main_loop", *args], cwd=REPO,
+                            env=environ, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_cli_demo_mock_run_resumes(tmp_path):
+    """The issue's acceptance run: 2 steps, then 4 steps on the same workdir resumes."""
+    w = str(tmp_path / "w")
+    common = ["--config=configs/demo.py", "--mock_data", f"--workdir={w}", "--log_every_steps=1"]
+    _main_loop(common + ["--max_steps=2"], devices=2)
+    assert _steps(w) == [1, 2]
+    out = _main_loop(common + ["--max_steps=4"], devices=2)
+    assert "Resumed from" in out.stderr
+    assert _steps(w) == [1, 2, 3, 4]
+    assert os.path.isdir(os.path.join(w, "tensorboard"))
+
+
+TINY_FLAGS = ["--config=configs/demo.py", "--config.model.depth=10", "--config.data.image_size=64",
+              "--config.model.projector_hidden_size=64", "--config.model.predictor_hidden_size=64",
+              "--config.model.projector_output_size=32", "--config.loss.num_samples=4",
+              "--mock_data", "--batch_size=8", "--max_steps=2", "--log_every_steps=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed, gloo) == 1 process x 4 devices."""
+    single = str(tmp_path / "single")
+    _main_loop(TINY_FLAGS + [f"--workdir={single}"], devices=4)
+    multi = str(tmp_path / "multi")
+    address = f"localhost:{_free_port()}"
+    environ = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "detcon.main_loop", *TINY_FLAGS, f"--workdir={multi}",
+         f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+        cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    assert _steps(multi) == [1, 2]
+    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-4, atol=1e-4)
+    p_multi, _, _ = checkpoint_lib.load_network(multi)
+    p_single, _, _ = checkpoint_lib.load_network(single)
+    chex.assert_trees_all_close(p_multi, p_single, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_is_test_smoke_run(tmp_path):
+    """The official smoke test: one ResNet-50 step on mock data with batch 4."""
+    w = str(tmp_path / "w")
+    _main_loop(["--is_test", f"--workdir={w}"], devices=1)
+    assert _steps(w) == [1]
+    params, _, config = checkpoint_lib.load_network(w)
+    assert config["model"]["depth"] == 50
+    assert "res_net50/~/initial_conv" in params
