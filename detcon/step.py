@@ -46,6 +46,9 @@ def make_update_step(config: ml_collections.ConfigDict, network: hk.TransformedW
     batch: view1/view2 [b, S, S, 3] in [0, 1]; fh_mask1/fh_mask2 [b, S, S] int; label [b] (-1 if
     none); index [b] global example index.
     """
+    if config.method != "detcon_b":
+        raise ValueError(f"config.method={config.method!r} is not implemented; available: "
+                         "'detcon_b'.")
     image_size = config.data.image_size
     grid = model_lib.grid_shape(image_size)
     num_samples = config.loss.num_samples
