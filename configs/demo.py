@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.projector_hidden_size = 512
     c.model.projector_output_size = 128
     c.model.predictor_hidden_size = 512
-    c.model.num_classes = 16
+    c.model.num_classes = 6   # the six demo photos
     c.data.demo = True
     c.data.image_size = 96
     c.data.num_train_examples = -1

@@ -1,8 +1,9 @@
-r"""Writes TFRecord shards of images with their Felzenszwalb-Huttenlocher masks (DetCon record schema).
+r"""Writes TFRecord shards of images with their Felzenszwalb-Huttenlocher (FH) masks for DetCon.
 
-A drop-in replacement for the official `generate_fh_masks_for_imagenet.py` (same flags, same records,
-see detcon/data/schema.py), using worker processes, a real seeded shuffle, lossless ids above 255,
-resumable shards, and skipping (and counting) files that do not decode.
+A drop-in replacement for the official `generate_fh_masks_for_imagenet.py`: same flags, same
+records (detcon/data/schema.py), plus worker processes, a real seeded shuffle, resumable shards,
+skipping (and counting) files that do not decode, and lossless segment ids above 255 (kept as
+uint16 under `image/felzenszwalb_segmentations_uint16`, next to the official uint8 key).
 
     python scripts/generate_fh_masks.py \
       --train_directory=imagenet/train --validation_directory=imagenet/val \
@@ -24,19 +25,47 @@ from absl import app, flags, logging  # noqa: E402
 
 from detcon.data import image_folder, mask_job  # noqa: E402
 
-_TRAIN_DIRECTORY = flags.DEFINE_string("train_directory", None, "Training images: DIR/<class>/<image> or a flat folder.")
-_VALIDATION_DIRECTORY = flags.DEFINE_string("validation_directory", None, "Validation images, same layout.")
+_TRAIN_DIRECTORY = flags.DEFINE_string(
+    "train_directory", None, "Training images: DIR/<class>/<image> or a flat folder."
+)
+_VALIDATION_DIRECTORY = flags.DEFINE_string(
+    "validation_directory", None, "Validation images, same layout."
+)
 _OUTPUT_DIRECTORY = flags.DEFINE_string("output_directory", None, "Where the shards are written.")
-_TRAIN_SHARDS = flags.DEFINE_integer("train_shards", 2048, "Number of train shards (the official reader expects 2048).")
-_VALIDATION_SHARDS = flags.DEFINE_integer("validation_shards", 256, "Number of validation shards (official: 256).")
-_FH_SCALES = flags.DEFINE_string("fh_scales", "1000", "Comma-separated FH scales, one mask per scale.")
-_FH_MIN_SIZES = flags.DEFINE_string("fh_min_sizes", "1000", "Comma-separated FH minimum segment sizes, one per scale.")
-_LABELS_FILE = flags.DEFINE_string("labels_file", None, "One class folder name per line (label = line number, from 1); default: sorted folder names.")
-_METADATA_FILE = flags.DEFINE_string("imagenet_metadata_file", None, "Optional '<class folder>\\t<text>' lines, for image/class/text.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Worker processes (1: run in this process).")
-_TASK_INDEX = flags.DEFINE_integer("task_index", 0, "This machine's index in a job array, in [0, num_tasks).")
+_TRAIN_SHARDS = flags.DEFINE_integer(
+    "train_shards", 2048, "Number of train shards (the official reader expects 2048)."
+)
+_VALIDATION_SHARDS = flags.DEFINE_integer(
+    "validation_shards", 256, "Number of validation shards (official: 256)."
+)
+_FH_SCALES = flags.DEFINE_string(
+    "fh_scales", "1000", "Comma-separated FH scales, one mask per scale."
+)
+_FH_MIN_SIZES = flags.DEFINE_string(
+    "fh_min_sizes", "1000", "Comma-separated FH minimum segment sizes, one per scale."
+)
+_LABELS_FILE = flags.DEFINE_string(
+    "labels_file",
+    None,
+    "One class folder name per line (label = line number, from 1); default: sorted folder names.",
+)
+_METADATA_FILE = flags.DEFINE_string(
+    "imagenet_metadata_file",
+    None,
+    "Optional '<class folder>\\t<text>' lines, for image/class/text.",
+)
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers",
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+    "Worker processes, default all usable cores (1: run in this process).",
+)
+_TASK_INDEX = flags.DEFINE_integer(
+    "task_index", 0, "This machine's index in a job array, in [0, num_tasks)."
+)
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "Number of machines sharing the shards.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the file-order shuffle (must match across tasks and re-runs).")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of the file-order shuffle (must match across tasks and re-runs)."
+)
 _PROGRESS = flags.DEFINE_boolean("progress", True, "Show a progress bar with rate and ETA.")
 flags.DEFINE_alias("num_threads", "num_workers")  # the official script's name for it
 
@@ -45,7 +74,9 @@ def _parse_list(flag: flags.FlagHolder, kind: type) -> tuple:
     try:
         return tuple(kind(v) for v in flag.value.split(",") if v.strip())
     except ValueError:
-        raise app.UsageError(f"--{flag.name}={flag.value!r} must be comma-separated numbers") from None
+        raise app.UsageError(
+            f"--{flag.name}={flag.value!r} must be comma-separated numbers"
+        ) from None
 
 
 def main(argv: list[str]) -> None:
@@ -82,12 +113,16 @@ def main(argv: list[str]) -> None:
         if listing.ignored_non_images:
             logging.warning(
                 "%s: ignored %d files without an image extension (e.g. %s)",
-                name, len(listing.ignored_non_images), listing.ignored_non_images[:3],
+                name,
+                len(listing.ignored_non_images),
+                listing.ignored_non_images[:3],
             )
         files = image_folder.shuffled(listing.files, _SEED.value)
-        logging.info("%s: %d images from %s into %d shards", name, len(files), directory, num_shards)
-        summaries.append(
-            mask_job.generate_split(
+        logging.info(
+            "%s: %d images from %s into %d shards", name, len(files), directory, num_shards
+        )
+        try:
+            summary = mask_job.generate_split(
                 name,
                 files,
                 _OUTPUT_DIRECTORY.value,
@@ -99,7 +134,9 @@ def main(argv: list[str]) -> None:
                 num_tasks=_NUM_TASKS.value,
                 show_progress=_PROGRESS.value,
             )
-        )
+        except ValueError as error:  # settings that clash with shards already in the output
+            raise app.UsageError(str(error)) from None
+        summaries.append(summary)
 
     for summary in summaries:
         print(

@@ -57,28 +57,40 @@ def encode_jpeg(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def _pillow_rgb(image: Image.Image, data: bytes) -> tuple[np.ndarray, bool]:
+    """Returns (uint8 `[H, W, 3]`, whether `data` can be stored as is) for an opened image."""
+    # MPO is a camera JPEG with extra preview frames; its first frame is a plain JPEG stream.
+    if image.format in ("JPEG", "MPO") and image.mode == "RGB":
+        pixels = _tf_decode(data)
+        if pixels is not None:
+            return pixels, True
+    try:
+        image.load()
+        return _to_rgb_array(image), False
+    except Image.DecompressionBombError as error:
+        raise BadImageError(f"too large: {error}") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise BadImageError(f"corrupt or truncated {image.format} data: {error}") from None
+
+
 def to_rgb_jpeg(data: bytes) -> tuple[bytes, np.ndarray]:
     """Returns (RGB JPEG bytes, their `decode_rgb` pixels `[H, W, 3]`); raises BadImageError."""
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise BadImageError("not an image format Pillow recognises") from None
+        image = None
     except (OSError, ValueError, SyntaxError) as error:
         raise BadImageError(f"unreadable image header: {error}") from None
-    with image:
-        # MPO is a camera JPEG with extra preview frames; its first frame is a plain JPEG stream.
-        if image.format in ("JPEG", "MPO") and image.mode == "RGB":
-            pixels = _tf_decode(data)
-            if pixels is not None:
-                # Already what the schema asks for: keep the original bytes (no second lossy pass).
-                return data, pixels
-        try:
-            image.load()
-            rgb = _to_rgb_array(image)
-        except Image.DecompressionBombError as error:
-            raise BadImageError(f"too large: {error}") from None
-        except (OSError, ValueError, SyntaxError) as error:
-            raise BadImageError(f"corrupt or truncated {image.format} data: {error}") from None
+    if image is None:
+        rgb = _tf_decode(data)  # a format TensorFlow reads but Pillow does not
+        if rgb is None:
+            raise BadImageError("not an image format Pillow or TensorFlow recognises")
+    else:
+        with image:
+            rgb, keep_bytes = _pillow_rgb(image, data)
+        if keep_bytes:
+            # Already what the schema asks for: store the bytes as they are (no second lossy pass).
+            return data, rgb
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise BadImageError(f"empty image of shape {rgb.shape}")
     jpeg = encode_jpeg(np.ascontiguousarray(rgb))

@@ -157,8 +157,11 @@ def ordered_results(
     num_workers: int,
     encode: Encoder | None = None,
 ) -> Iterator[EncodeResult]:
-    """Yields `encode(image)` (default `encode_file`) per image, in order, from `num_workers`
-    processes (1: in this process)."""
+    """Yields `encode(image)` (default `encode_file`) for each image, in order.
+
+    The work runs in `num_workers` processes (1: in this process); a worker that dies costs only
+    the file it was on, which is reported as skipped.
+    """
     encode = encode or encode_file
     if num_workers <= 1:
         for image in images:
@@ -232,7 +235,8 @@ def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
             raise ValueError(
                 f"{output_directory!r} already holds {split!r} shards made with different "
                 f"settings or input files (differs in: {', '.join(differing)}; see {path}). "
-                "Re-run with the same arguments and inputs to resume, or use a new --output_directory"
+                "Re-run with the same arguments and inputs to resume, or use a new "
+                "--output_directory"
             )
         return
     existing = [

@@ -19,9 +19,8 @@ from detcon.data import image_codec, schema, shards, views
 
 list_shards = shards.list_shards  # part of this module's interface (the training loop imports it)
 
-_INTERLEAVE_CYCLE = (
-    16  # fixed (not AUTOTUNE) so the record order does not depend on the host's cores
-)
+# Fixed, not AUTOTUNE, so the record order does not depend on the host's core count.
+_INTERLEAVE_CYCLE = 16
 _SEED_MIX = 0x9E3779B1  # spreads (seed, process) pairs apart in the stateless seed space
 
 
@@ -60,8 +59,10 @@ def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 def two_views(
     example: dict[str, tf.Tensor], image_size: int, fh_mask_index: int, seed: tf.Tensor
 ) -> dict[str, tf.Tensor]:
-    """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`,
-    `label`."""
+    """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`, `label`.
+
+    The views use independent crops and flips; each mask gets exactly its own view's geometry.
+    """
     fh = example["fh"]
     check = tf.debugging.assert_less(
         fh_mask_index,

@@ -121,7 +121,7 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def reshape_segmentations(fh_ids: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
-    """Returns flat ids `[K*H*W]` as `[K, H, W]`; fails clearly if the size is no multiple of H*W."""
+    """Returns flat ids `[K*H*W]` as `[K, H, W]`; fails clearly if the size does not fit."""
     pixels = tf.cast(height, tf.int32) * tf.cast(width, tf.int32)
     size = tf.size(fh_ids)
     check = tf.debugging.assert_equal(

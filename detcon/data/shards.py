@@ -19,7 +19,7 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def list_shards(dataset_directory: str, split: str) -> list[str]:
-    """Returns the sorted paths of all shards of `split`; FileNotFoundError if none or some missing."""
+    """Returns the sorted paths of all shards of `split`; FileNotFoundError if any are missing."""
     hint = GENERATE_COMMAND.format(directory=dataset_directory)
     if not tf.io.gfile.isdir(dataset_directory):
         raise FileNotFoundError(

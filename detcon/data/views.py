@@ -43,7 +43,7 @@ def crop_flip_resize(
     flip: tf.Tensor,
     image_size: int,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (float32 `[S, S, 3]`, int32 `[S, S]`): one window of image `[H, W, 3]` and mask `[H, W]`."""
+    """Returns float32 `[S, S, 3]`, int32 `[S, S]`: a window of image `[H, W, 3]` and mask."""
     image = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], 3]))
     mask = tf.slice(mask, offset, size)
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -58,7 +58,7 @@ def crop_flip_resize(
 def random_view(
     image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns one view (float32 `[S, S, 3]`, int32 mask `[S, S]`) of uint8 `[H, W, 3]` + `[H, W]`."""
+    """Returns a random view, float32 `[S, S, 3]` + int32 `[S, S]`, of image `[H, W, 3]`, mask."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     offset, size = random_crop_window(tf.shape(image), crop_seed)
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5
