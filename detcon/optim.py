@@ -29,8 +29,8 @@ def target_ema(step: Union[int, jax.Array], *, base_ema: float, total_steps: int
     return 1.0 - (1.0 - base_ema) * (1.0 + jnp.cos(jnp.pi * progress)) / 2.0
 
 
-def exclude_from_lars(params: Any) -> Any:
-    """LARS mask, bool pytree like params: False for 'b', 'offset', 'scale' leaves, else True."""
+def lars_mask(params: Any) -> Any:
+    """LARS mask, bool pytree like params (True: decayed and trust-ratio scaled): False for 'b', 'offset', 'scale' leaves, else True."""
     def is_adapted(path: tuple, _: Any) -> bool:
         last = path[-1]
         name = getattr(last, "key", getattr(last, "name", None))
@@ -44,5 +44,5 @@ def lars(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1
          ) -> optax.GradientTransformation:
     """optax.lars with biases and BatchNorm parameters excluded from decay and trust ratio."""
     return optax.lars(learning_rate=learning_rate, weight_decay=weight_decay,
-                      weight_decay_mask=exclude_from_lars, trust_coefficient=trust_coefficient,
-                      trust_ratio_mask=exclude_from_lars, momentum=momentum)
+                      weight_decay_mask=lars_mask, trust_coefficient=trust_coefficient,
+                      trust_ratio_mask=lars_mask, momentum=momentum)

@@ -51,8 +51,8 @@ def _lars_reference(params: dict, grads_per_step: list, lr: float, weight_decay:
     return all_updates
 
 
-def test_exclude_from_lars_marks_biases_and_batchnorm():
-    mask = optim.exclude_from_lars(_haiku_params(np.random.default_rng(0)))
+def test_lars_mask_marks_biases_and_batchnorm():
+    mask = optim.lars_mask(_haiku_params(np.random.default_rng(0)))
     assert mask == {"conv2_d": {"w": True}, "linear": {"w": True, "b": False},
                     "batch_norm": {"scale": False, "offset": False}}
 
