@@ -162,6 +162,25 @@ def test_is_test_smoke_run(tmp_path):
     w = str(tmp_path / "w")
     _main_loop(["--is_test", f"--workdir={w}"], devices=1)
     assert _steps(w) == [1]
-    params, _, config = checkpoint_lib.load_network(w)
+    params, state, config = checkpoint_lib.load_network(w)
     assert config["model"]["depth"] == 50
     assert "res_net50/~/initial_conv" in params
+
+    # The issue-5 acceptance path: this checkpoint exports to all three formats.
+    from safetensors.numpy import load_file
+    out = str(tmp_path / "r50")
+    for fmt in ("torchvision", "detectron2", "npz"):
+        result = subprocess.run(
+            [sys.executable, "scripts/export_checkpoint.py", f"--checkpoint={w}",
+             f"--format={fmt}", f"--output={out}"], cwd=REPO, capture_output=True, text=True,
+            env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(out + ".safetensors")
+    assert len(exported) == 318  # torchvision resnet50's 320 entries minus fc.weight, fc.bias
+    np.testing.assert_array_equal(
+        exported["conv1.weight"],
+        np.transpose(params["res_net50/~/initial_conv"]["w"], (3, 2, 0, 1)))
+    with np.load(out + ".npz") as npz:
+        np.testing.assert_array_equal(npz["res_net50/~/initial_conv/w"],
+                                      params["res_net50/~/initial_conv"]["w"])
+    assert os.path.getsize(out + ".pkl") > 90e6  # 23.5 M float32 weights plus BN statistics
