@@ -4,6 +4,7 @@ import os
 from typing import Any, Optional
 
 import jax
+from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -26,6 +27,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
                                                meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
+    logging.info("Saved checkpoint %s/%d", manager.directory, step)
 
 
 def restore(manager: ocp.CheckpointManager, template: TrainState, step: Optional[int] = None

@@ -55,9 +55,15 @@ def _initialise_distributed() -> None:
         jax.distributed.initialize()  # JAX reads the cluster from the environment
 
 
+def _quiet_library_info(record) -> bool:
+    """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
+    return record.levelno > 20 or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_library_info)
     config = _CONFIG.value
     for flag, (group, field) in _OVERRIDES.items():
         if FLAGS[flag].value is not None:
