@@ -31,25 +31,28 @@ def make_network(model: ml_collections.ConfigDict, axis_name: Optional[str]
 
     images [N, S, S, 3] normalised; masks [N, M, G] grid masks; mask_ids [N, R].
     """
-    precision_lib.set_policy(model.precision)
+    precision = model.precision  # read now: a later edit of the config must not change this network
+    precision_lib.check_precision(precision)
 
     def forward(images: jax.Array, masks: jax.Array, mask_ids: jax.Array, is_training: bool,
                 with_predictor: bool = True) -> ViewOutputs:
-        torso = networks.ResNetTorso(model.depth, model.width_multiplier, axis_name,
-                                     bn_decay_rate=model.bn_decay_rate)
-        projector = networks.MLP(model.projector_hidden_size, model.projector_output_size,
-                                 axis_name, model.bn_decay_rate, name="projector")
-        fmap = torso(images, is_training=is_training)
-        n, h, w, c = fmap.shape
-        pooled = masks_lib.mask_pool(fmap.reshape(n, h * w, c), masks, mask_ids)
-        projection = projector(pooled, is_training=is_training)
-        prediction = None
-        if with_predictor:
-            predictor = networks.MLP(model.predictor_hidden_size, model.projector_output_size,
-                                     axis_name, model.bn_decay_rate, name="predictor")
-            prediction = predictor(projection, is_training=is_training)
-        features = fmap.mean(axis=(1, 2))
-        logits = networks.LinearClassifier(model.num_classes)(features)
-        return ViewOutputs(projection, prediction, logits, features)
+        # Policies apply while tracing (see precision.policies), so each network keeps its own.
+        with precision_lib.policies(precision):
+            torso = networks.ResNetTorso(model.depth, model.width_multiplier, axis_name,
+                                         bn_decay_rate=model.bn_decay_rate)
+            projector = networks.MLP(model.projector_hidden_size, model.projector_output_size,
+                                     axis_name, model.bn_decay_rate, name="projector")
+            fmap = torso(images, is_training=is_training)
+            n, h, w, c = fmap.shape
+            pooled = masks_lib.mask_pool(fmap.reshape(n, h * w, c), masks, mask_ids)
+            projection = projector(pooled, is_training=is_training)
+            prediction = None
+            if with_predictor:
+                predictor = networks.MLP(model.predictor_hidden_size, model.projector_output_size,
+                                         axis_name, model.bn_decay_rate, name="predictor")
+                prediction = predictor(projection, is_training=is_training)
+            features = fmap.mean(axis=(1, 2))
+            logits = networks.LinearClassifier(model.num_classes)(features)
+            return ViewOutputs(projection, prediction, logits, features)
 
     return hk.transform_with_state(forward)
