@@ -247,3 +247,12 @@ def test_normalize_standardises_with_imagenet_statistics():
     np.testing.assert_allclose(out[0], 0.0, atol=1e-6)
     np.testing.assert_allclose(out[1], 1.0, atol=1e-6)
     np.testing.assert_allclose(augment.normalize(jnp.ones(3)), (1.0 - mean) / std, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sigma, size", [(0.1, (32, 32)), (1.3, (32, 32)), (2.0, (24, 40))])
+def test_matmul_blur_equals_dm_pix(sigma, size):
+    image = jax.random.uniform(jax.random.PRNGKey(3), size + (3,))
+    k = augment.blur_kernel_size(*size)
+    expected = dm_pix.gaussian_blur(image, sigma, k)
+    np.testing.assert_allclose(augment.gaussian_blur(image, jnp.float32(sigma), k), expected,
+                               atol=2e-6)
