@@ -5,7 +5,6 @@ import time
 from typing import Any, Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
