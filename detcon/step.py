@@ -33,8 +33,7 @@ def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array, num: int) ->
 
 def _feature_std(x: jax.Array) -> jax.Array:
     """Mean over dims of the std over rois of L2-normalised features [B, R, D] (collapse check)."""
-    x = x.reshape(-1, x.shape[-1])
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    x = losses.l2_normalize(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
     return jnp.mean(jnp.std(x, axis=0))
 
 

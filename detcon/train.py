@@ -1,6 +1,5 @@
 """The training loop: init or restore state, feed batches, call the pmapped step, log, checkpoint."""
 import math
-import os
 import time
 from typing import Any, Iterator, Optional
 
@@ -16,10 +15,6 @@ from detcon import mock_data
 from detcon import model as model_lib
 from detcon import state as state_lib
 from detcon import step as step_lib
-
-MASK_COMMAND = ("python scripts/generate_fh_masks.py --train_directory=<image folder> "
-                "--output_directory=<dataset_directory>")
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss becomes NaN or infinite."""
@@ -42,7 +37,7 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
     return max(1, int(config.training.pretrain_epochs * num_examples // config.training.batch_size))
 
 
-def _local_indices(step: int, local_devices: int, per_device: int) -> np.ndarray:
+def _local_indices(local_devices: int, per_device: int) -> np.ndarray:
     """Global example positions [D, b] of this process's slice of the global batch."""
     local = local_devices * per_device
     start = jax.process_index() * local
@@ -54,7 +49,7 @@ def mock_batches(config: ml_collections.ConfigDict, start_step: int, local_devic
     """Deterministic synthetic batches [D, b, ...]: step t's data depends only on t."""
     step = start_step
     while True:
-        idx = _local_indices(step, local_devices, per_device)
+        idx = _local_indices(local_devices, per_device)
         flat = mock_data.mock_batch(config.training.seed, step, idx.ravel(), config.data.image_size,
                                     config.model.num_classes)
         yield {k: v.reshape(idx.shape + v.shape[1:]) for k, v in flat.items()}
@@ -69,10 +64,9 @@ def dataset_directory(config: ml_collections.ConfigDict) -> str:
     directory = config.data.dataset_directory
     if not directory:
         raise ValueError("No data: set --dataset_directory (TFRecords with FH masks, made by "
-                         f"`{MASK_COMMAND}`), or use --mock_data.")
-    if not os.path.isdir(directory) or not os.listdir(directory):
-        raise FileNotFoundError(
-            f"--dataset_directory={directory!r} is missing or empty. Generate it with `{MASK_COMMAND}`.")
+                         "scripts/generate_fh_masks.py), or use --mock_data.")
+    from detcon.data import shards
+    shards.list_shards(directory, "train")  # fails early, naming the path and the command
     return directory
 
 
@@ -85,8 +79,9 @@ def real_batches(config: ml_collections.ConfigDict, directory: str, start_step: 
         per_device_batch=per_device, process_index=jax.process_index(),
         process_count=jax.process_count(), fh_mask_index=config.data.fh_mask_index,
         seed=config.data.seed, start_step=start_step, shuffle_buffer=config.data.shuffle_buffer)
-    for step, batch in enumerate(batches, start=start_step):
-        batch["index"] = _local_indices(step, local_devices, per_device)
+    index = _local_indices(local_devices, per_device)
+    for batch in batches:
+        batch["index"] = index
         yield batch
 
 
@@ -119,6 +114,9 @@ def _maybe_initialise_torso(config: ml_collections.ConfigDict, state: state_lib.
                                                  allow_pickle=config.training.allow_pickle)
     params, net_state, report = pretrained.match_torso_params(loaded, state.online_params,
                                                               state.online_state)
+    if not report.ok:  # a half-loaded torso would train silently from a different start
+        raise ValueError(f"--config.training.init_checkpoint={config.training.init_checkpoint!r} "
+                         f"does not fill the torso:\n{report.summary()}")
     logging.info("Initialised torso from %s: %s", config.training.init_checkpoint, report)
     return state._replace(online_params=params, online_state=net_state, target_params=params,
                           target_state=net_state)

@@ -184,3 +184,21 @@ def test_is_test_smoke_run(tmp_path):
         np.testing.assert_array_equal(npz["res_net50/~/initial_conv/w"],
                                       params["res_net50/~/initial_conv"]["w"])
     assert os.path.getsize(out + ".pkl") > 90e6  # 23.5 M float32 weights plus BN statistics
+
+
+def test_incomplete_init_checkpoint_is_refused(tmp_path):
+    """A torso checkpoint that leaves weights unfilled must not start a run silently."""
+    import jax
+    from detcon import model as model_lib, state as state_lib, step as step_lib
+    config = _config(1)
+    state = state_lib.init_state(jax.random.PRNGKey(0), model_lib.make_network(config.model, None),
+                                 step_lib.make_optimizer(config, 1), image_size=64, num_samples=4,
+                                 max_mask_id=256)
+    flat = {f"{module}/{name}": np.asarray(value)
+            for module, leaves in state.online_params.items() if module.startswith("res_net10/")
+            and not module.endswith("initial_conv") for name, value in leaves.items()}
+    path = str(tmp_path / "partial.npz")
+    np.savez(path, **flat)
+    config.training.init_checkpoint = path
+    with pytest.raises(ValueError, match="does not fill the torso"):
+        train.run(config, str(tmp_path / "w"))
