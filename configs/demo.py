@@ -5,28 +5,18 @@ Run (builds the demo dataset on first use, no download):
 Smoke run on synthetic data:
   python -m detcon.main_loop --config=configs/demo.py --mock_data --workdir=/tmp/w --max_steps=4
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _base_config() -> ml_collections.ConfigDict:
-    """Loads configs/detcon_b.py beside this file (works without configs/ on sys.path)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "detcon_b.py")
-    spec = importlib.util.spec_from_file_location("detcon_b_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from configs import detcon_b
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the demo config: detcon_b with a small network, image and batch."""
-    c = _base_config()
+    c = detcon_b.get_config()
     c.model.depth = 18
-    c.model.projector_hidden_size = 512
-    c.model.projector_output_size = 128
-    c.model.predictor_hidden_size = 512
+    c.detcon_b.projector_hidden_size = 512
+    c.detcon_b.projector_output_size = 128
+    c.detcon_b.predictor_hidden_size = 512
     c.model.num_classes = 6   # the six demo photos
     c.data.demo = True
     c.data.image_size = 96

@@ -3,61 +3,29 @@
 Run:
   python -m detcon.main_loop --config=configs/detcon_b.py \
       --dataset_directory=/data/imagenet-fh --workdir=/ckpt/detcon_b --pretrain_epochs=1000
+Smoke run on synthetic data:
+  python -m detcon.main_loop --config=configs/detcon_b.py --mock_data --max_steps=2 \
+      --batch_size=8 --config.model.depth=10 --config.data.image_size=64 --workdir=/tmp/w
 
-Override any field with --config.<group>.<field>=value, e.g. --config.model.depth=200.
+Numbers from google-deepmind/detcon detcon_b_config.py and detcon_b.py.
 """
 import ml_collections
+
+from configs import base
+
+SETTINGS = dict(
+    projector_hidden_size=4096,
+    projector_output_size=256,
+    predictor_hidden_size=4096,
+    temperature=0.1,
+    num_samples=16,          # masks sampled per image and view
+    max_mask_id=256,         # ids >= this are ignored when building grid masks
+    base_ema=0.996,          # target EMA, cosine-ramped to 1
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the locked DetCon-B ImageNet config."""
-    c = ml_collections.ConfigDict()
-    c.method = "detcon_b"  # the objective; future methods (byol, detcon_s, ...) add a value here
-
-    c.model = ml_collections.ConfigDict(dict(
-        depth=50,
-        width_multiplier=1,
-        projector_hidden_size=4096,
-        projector_output_size=256,
-        predictor_hidden_size=4096,
-        num_classes=1000,        # online linear probe on stop-gradient features
-        bn_decay_rate=0.9,
-        precision="float32",     # or "bfloat16": bf16 convs/matmuls, fp32 params/BN/loss
-    ))
-    c.loss = ml_collections.ConfigDict(dict(
-        temperature=0.1,
-        num_samples=16,          # masks sampled per image and view
-        max_mask_id=256,         # ids >= this are ignored when building grid masks
-    ))
-    c.data = ml_collections.ConfigDict(dict(
-        dataset_directory="",    # TFRecords from scripts/generate_fh_masks.py
-        demo=False,              # build and use the embedded scikit-image demo dataset
-        image_size=224,
-        fh_mask_index=0,         # which FH scale of the record to use
-        num_train_examples=1_281_167,  # <= 0: read from the dataset directory
-        shuffle_buffer=10_000,
-        seed=0,
-    ))
-    c.optim = ml_collections.ConfigDict(dict(
-        base_learning_rate=0.2,  # scaled by batch_size / 256
-        warmup_fraction=0.01,    # warm-up of epochs/100 epochs
-        weight_decay=1.5e-6,
-        trust_coefficient=1e-3,
-        momentum=0.9,
-        base_ema=0.996,
-    ))
-    c.training = ml_collections.ConfigDict(dict(
-        batch_size=4096,         # global, over all devices and hosts
-        pretrain_epochs=1000,
-        max_steps=-1,            # > 0 overrides the step count derived from epochs
-        seed=0,
-        mock_data=False,
-        checkpoint_every_steps=1000,
-        keep_checkpoints=3,
-        log_every_steps=100,
-        log_tensors_interval=60.0,  # seconds; also log at least this often
-        init_checkpoint="",      # DeepMind .npy torso weights to start from (needs allow_pickle)
-        allow_pickle=False,
-    ))
+    c = base.get_config("detcon_b", SETTINGS)
     c.lock()
     return c

@@ -50,6 +50,10 @@ class AugmentConfig:
 
 VIEW1 = AugmentConfig(blur_prob=1.0, solarize_prob=0.0)
 VIEW2 = AugmentConfig(blur_prob=0.1, solarize_prob=0.2)
+# SimCLR v1 (google-research/simclr data_util.py, colour-jitter strength 1.0): both views
+# alike, jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5, no solarisation.
+SIMCLR_VIEW = AugmentConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+                            blur_prob=0.5, solarize_prob=0.0)
 
 
 class AugmentParams(NamedTuple):

@@ -1,6 +1,7 @@
-"""DetCon-B pretraining entry point: flags -> config -> train.run(config, workdir).
+"""Pretraining entry point: flags -> config -> train.run(config, workdir).
 
   python -m detcon.main_loop --config=configs/demo.py --workdir=/tmp/detcon_demo
+  python -m detcon.main_loop --config=configs/byol.py --mock_data --max_steps=2 --workdir=/tmp/w
   python -m detcon.main_loop --dataset_directory=/data/imagenet-fh --pretrain_epochs=1000 \\
       --batch_size=4096 --workdir=/ckpt/detcon_b
 """
@@ -19,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config fil
 flags.DEFINE_string("dataset_directory", None, "TFRecords with FH masks (scripts/generate_fh_masks.py).")
 flags.DEFINE_integer("pretrain_epochs", None, "Pretraining epochs.")
 flags.DEFINE_integer("batch_size", None, "Global batch size over all devices and hosts.")
-flags.DEFINE_bool("is_test", False, "One step on mock data with ResNet-50 and batch 4 (smoke test).")
+flags.DEFINE_bool("is_test", False, "Selects configs/is_test.py: one ResNet-50 step on mock data.")
 flags.DEFINE_float("log_tensors_interval", None, "Log at least every this many seconds.")
 # Ours.
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs; resumes if present.")
@@ -65,6 +66,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_library_info)
     config = _CONFIG.value
+    if FLAGS.is_test:
+        from configs import is_test
+        config = is_test.get_config()
     for flag, (group, field) in _OVERRIDES.items():
         if FLAGS[flag].value is not None:
             config[group][field] = FLAGS[flag].value
@@ -72,17 +76,14 @@ def main(argv: list[str]) -> None:
     _initialise_distributed()
     import jax  # after distributed init
     if FLAGS.is_test:
-        config.model.depth = 50
-        config.data.image_size = 224
-        devices = jax.device_count()
-        config.training.batch_size = -(-4 // devices) * devices  # 4, or one per device if more
-        config.training.mock_data = True
-        config.training.max_steps = 1
-        config.training.log_every_steps = 1
+        devices = jax.device_count()  # 4, or one example per device where there are more
+        config.training.batch_size = -(-config.training.batch_size // devices) * devices
         workdir = workdir or tempfile.mkdtemp(prefix="detcon_is_test_")
     if not workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there).")
+    from detcon import compilation_cache
     from detcon import train
+    compilation_cache.enable(config.training.compilation_cache)
     logging.info("Config:\n%s", config)
     result = train.run(config, workdir)
     logging.info("Done: %s (workdir %s)", {k: round(v, 4) for k, v in result.items()}, workdir)

@@ -1,4 +1,4 @@
-"""The DetCon forward for one view: ResNet torso -> mask pooling -> projector -> predictor."""
+"""Networks of the methods: the shared ResNet torso with mask-pooled or global heads."""
 from typing import NamedTuple, Optional
 
 import haiku as hk
@@ -10,12 +10,32 @@ from detcon import networks
 from detcon import precision as precision_lib
 
 
+class MaskedView(NamedTuple):
+    """Inputs of one view for the mask-pooling methods (DetCon-B, DetCon-S)."""
+    images: jax.Array    # [N, S, S, 3] augmented and normalised
+    masks: jax.Array     # [N, M, G] binary grid masks
+    mask_ids: jax.Array  # [N, R] sampled mask ids (negative: padding)
+
+
+class GlobalView(NamedTuple):
+    """Inputs of one view for the global-pooling methods (BYOL, SimCLR)."""
+    images: jax.Array    # [N, S, S, 3] augmented and normalised
+
+
 class ViewOutputs(NamedTuple):
     """Per-view network outputs."""
-    projection: jax.Array            # [N, R, P] projected mask-pooled features
-    prediction: Optional[jax.Array]  # [N, R, P] predictor outputs (online network only)
+    projection: jax.Array            # [N, R, P] (masked) or [N, P] (global) projections
+    prediction: Optional[jax.Array]  # same shape, predictor outputs (online network only)
     logits: jax.Array                # [N, K] online linear probe on stop-gradient features
     features: jax.Array              # [N, C] globally pooled torso features
+
+
+class Heads(NamedTuple):
+    """Head sizes of a method: projector MLP, optional predictor MLP (hidden 0: none)."""
+    projector_hidden: int
+    projector_output: int
+    predictor_hidden: int = 0
+    projector_final_bn: bool = False  # SimCLR's projector ends in BatchNorm
 
 
 def grid_shape(image_size: int) -> tuple[int, int]:
@@ -25,33 +45,39 @@ def grid_shape(image_size: int) -> tuple[int, int]:
     return image_size // 32, image_size // 32
 
 
-def make_network(model: ml_collections.ConfigDict, axis_name: Optional[str]
-                 ) -> hk.TransformedWithState:
-    """Returns init/apply for `forward(images, masks, mask_ids, is_training, with_predictor)`.
+def make_network(model: ml_collections.ConfigDict, heads: Heads, axis_name: Optional[str],
+                 masked: bool) -> hk.TransformedWithState:
+    """init/apply of `forward(view, is_training, online=True, num_views=1) -> ViewOutputs`.
 
-    images [N, S, S, 3] normalised; masks [N, M, G] grid masks; mask_ids [N, R].
+    masked: mask-pool the feature map over view.masks/mask_ids ([N, R, C]) before the heads,
+    else average-pool it ([N, C]). The predictor runs on the online network only. num_views > 1:
+    `view` holds that many views stacked along the batch, normalised by BatchNorm separately.
     """
     precision = model.precision  # read now: a later edit of the config must not change this network
     precision_lib.check_precision(precision)
 
-    def forward(images: jax.Array, masks: jax.Array, mask_ids: jax.Array, is_training: bool,
-                with_predictor: bool = True) -> ViewOutputs:
+    def forward(view: NamedTuple, is_training: bool, online: bool = True,
+                num_views: int = 1) -> ViewOutputs:
         # Policies apply while tracing (see precision.policies), so each network keeps its own.
-        with precision_lib.policies(precision):
+        with precision_lib.policies(precision), networks.per_view_batch_norm(num_views):
             torso = networks.ResNetTorso(model.depth, model.width_multiplier, axis_name,
                                          bn_decay_rate=model.bn_decay_rate)
-            projector = networks.MLP(model.projector_hidden_size, model.projector_output_size,
-                                     axis_name, model.bn_decay_rate, name="projector")
-            fmap = torso(images, is_training=is_training)
+            projector = networks.MLP(heads.projector_hidden, heads.projector_output, axis_name,
+                                     model.bn_decay_rate, final_batch_norm=heads.projector_final_bn,
+                                     name="projector")
+            fmap = torso(view.images, is_training=is_training)
             n, h, w, c = fmap.shape
-            pooled = masks_lib.mask_pool(fmap.reshape(n, h * w, c), masks, mask_ids)
+            features = fmap.mean(axis=(1, 2))
+            if masked:
+                pooled = masks_lib.mask_pool(fmap.reshape(n, h * w, c), view.masks, view.mask_ids)
+            else:
+                pooled = features
             projection = projector(pooled, is_training=is_training)
             prediction = None
-            if with_predictor:
-                predictor = networks.MLP(model.predictor_hidden_size, model.projector_output_size,
+            if online and heads.predictor_hidden:
+                predictor = networks.MLP(heads.predictor_hidden, heads.projector_output,
                                          axis_name, model.bn_decay_rate, name="predictor")
                 prediction = predictor(projection, is_training=is_training)
-            features = fmap.mean(axis=(1, 2))
             logits = networks.LinearClassifier(model.num_classes)(features)
             return ViewOutputs(projection, prediction, logits, features)
 

@@ -64,15 +64,19 @@ class ResNetTorso(hk.Module):
 
 
 class MLP(hk.Module):
-    """Projector / predictor: Linear(hidden) -> BatchNorm -> ReLU -> Linear(out, no bias)."""
+    """Projector / predictor: Linear(hidden) -> BatchNorm -> ReLU -> Linear(out, no bias).
+
+    final_batch_norm adds SimCLR's last BatchNorm (scale, no offset: the layer has no bias).
+    """
 
     def __init__(self, hidden_size: int = 4096, output_size: int = 256,
                  axis_name: Optional[str] = None, bn_decay_rate: float = 0.9,
-                 name: Optional[str] = None):
+                 final_batch_norm: bool = False, name: Optional[str] = None):
         super().__init__(name=name)
         self._hidden_size = hidden_size
         self._output_size = output_size
         self._bn = bn_config(axis_name, decay_rate=bn_decay_rate)
+        self._final_batch_norm = final_batch_norm
 
     def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
         """[..., D_in] -> [..., output_size]; BatchNorm statistics over all leading axes."""
@@ -81,6 +85,9 @@ class MLP(hk.Module):
         x = hk.Linear(self._hidden_size, with_bias=True)(x)
         x = jax.nn.relu(hk.BatchNorm(**self._bn)(x, is_training=is_training))
         x = hk.Linear(self._output_size, with_bias=False)(x)
+        if self._final_batch_norm:
+            final = dict(self._bn, create_offset=False)
+            x = hk.BatchNorm(name="final_batch_norm", **final)(x, is_training=is_training)
         return x.reshape(lead + (self._output_size,))
 
 
@@ -101,3 +108,22 @@ def torso_fn(depth: int, width_multiplier: int = 1, axis_name: Optional[str] = N
     def forward(images: jax.Array, is_training: bool) -> jax.Array:
         return ResNetTorso(depth, width_multiplier, axis_name)(images, is_training)
     return hk.transform_with_state(forward)
+
+
+def per_view_batch_norm(num_views: int) -> Any:
+    """Context (inside a transform) in which every hk.BatchNorm normalises each of `num_views`
+    equal leading chunks of its input separately, updating its averages chunk after chunk.
+
+    Lets both views run through a network as one batch [V*N, ...] (one conv per layer, twice the
+    GEMM size) while BatchNorm statistics and moving averages stay exactly those of one pass per
+    view, as the official releases compute them.
+    """
+    def interceptor(next_f, args, kwargs, context):
+        if num_views == 1 or context.method_name != "__call__" or not isinstance(
+                context.module, hk.BatchNorm):
+            return next_f(*args, **kwargs)
+        inputs, rest = args[0], args[1:]
+        chunks = jnp.split(inputs, num_views, axis=0)
+        return jnp.concatenate([next_f(chunk, *rest, **kwargs) for chunk in chunks], axis=0)
+
+    return hk.intercept_methods(interceptor)

@@ -1,8 +1,11 @@
-"""LARS from optax, plus the learning-rate and target-EMA schedules of BYOL/DetCon."""
+"""LARS from optax, the learning-rate and target-EMA schedules of BYOL/DetCon, and the
+optimiser a config asks for."""
+import functools
 from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 # Haiku parameter names of biases (Linear/Conv 'b') and BatchNorm affine terms: LARS neither
@@ -46,3 +49,28 @@ def lars(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1
     return optax.lars(learning_rate=learning_rate, weight_decay=weight_decay,
                       weight_decay_mask=lars_mask, trust_coefficient=trust_coefficient,
                       trust_ratio_mask=lars_mask, momentum=momentum)
+
+
+def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """Warm-up length in steps: config.optim.warmup_fraction of the run."""
+    return int(round(config.optim.warmup_fraction * total_steps))
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """The config's learning-rate schedule as a function of the step."""
+    return functools.partial(
+        learning_rate, base_learning_rate=config.optim.base_learning_rate,
+        batch_size=config.training.batch_size, total_steps=total_steps,
+        warmup_steps=warmup_steps(config, total_steps))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+    """The optimiser of config.optim with its warm-up + cosine learning-rate schedule."""
+    schedule = learning_rate_fn(config, total_steps)
+    if config.optim.name == "lars":
+        return lars(schedule, weight_decay=config.optim.weight_decay,
+                    trust_coefficient=config.optim.trust_coefficient,
+                    momentum=config.optim.momentum)
+    raise ValueError(f"config.optim.name={config.optim.name!r} is not an optimiser; available: "
+                     "'lars'.")

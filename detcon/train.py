@@ -10,9 +10,9 @@ from absl import logging
 
 from detcon import checkpoint as checkpoint_lib
 from detcon import devices as devices_lib
+from detcon import experiment as experiment_lib
 from detcon import metrics as metrics_lib
 from detcon import mock_data
-from detcon import model as model_lib
 from detcon import state as state_lib
 from detcon import step as step_lib
 
@@ -129,14 +129,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     directory = None if config.training.mock_data else dataset_directory(config)
     steps = total_steps(config, num_train_examples(config, directory))
 
-    network = model_lib.make_network(config.model, step_lib.AXIS)
-    optimizer = step_lib.make_optimizer(config, steps)
-    # Initialised outside pmap, so without the cross-replica axis (same parameters).
-    state = state_lib.init_state(
-        jax.random.PRNGKey(config.training.seed), model_lib.make_network(config.model, None),
-        optimizer,
-        image_size=config.data.image_size, num_samples=config.loss.num_samples,
-        max_mask_id=config.loss.max_mask_id)
+    experiment = experiment_lib.build(config, steps)
+    state = experiment.init_state(jax.random.PRNGKey(config.training.seed))
 
     manager = checkpoint_lib.make_manager(workdir, config.training.keep_checkpoints)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
@@ -155,14 +149,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return {}
 
     devices = jax.local_devices()
-    p_step = step_lib.pmap_update_step(
-        step_lib.make_update_step(config, network, optimizer, steps))
+    p_step = step_lib.pmap_update_step(experiment.update_step)
     replicated = devices_lib.replicate(state, devices)
     batches = (mock_batches(config, start, local_devices, per_device) if directory is None
                else real_batches(config, directory, start, local_devices, per_device))
     batches = _prefetch_to_devices(batches, devices)
 
-    logger = _StepLogger(config, steps, writer, is_chief, start)
+    logger = _StepLogger(config, steps, writer, is_chief, start,
+                         experiment.method.console_metrics)
     try:
         pending = None  # (step, device metrics): read one step late so dispatch never waits
         for step in range(start, steps):
@@ -186,12 +180,14 @@ class _StepLogger:
     """Checks each step's loss and logs to console and the writer every N steps or T seconds."""
 
     def __init__(self, config: ml_collections.ConfigDict, steps: int,
-                 writer: metrics_lib.MetricsWriter, is_chief: bool, start: int):
+                 writer: metrics_lib.MetricsWriter, is_chief: bool, start: int,
+                 console_metrics: tuple[str, ...] = ()):
         self._every = config.training.log_every_steps
         self._interval = config.training.log_tensors_interval
         self._batch = config.training.batch_size
         self._steps, self._writer, self._is_chief = steps, writer, is_chief
         self._time, self._step = time.time(), start
+        self._console = console_metrics
         self.last: dict[str, float] = {}
 
     def process(self, step: int, device_metrics: dict, manager: Any) -> None:
@@ -210,9 +206,10 @@ class _StepLogger:
         host["images_per_sec"] = (step - self._step) * self._batch / elapsed
         eta = (self._steps - step) * elapsed / max(step - self._step, 1)
         if self._is_chief:
-            logging.info("step %d/%d loss %.4f detcon %.4f top1 %.3f lr %.4g tau %.5f | %.1f img/s "
-                         "ETA %s", step, self._steps, host["loss"], host["detcon_loss"],
-                         host["top1"], host["learning_rate"], host["tau"],
+            own = "".join(f" {name} {host[name]:.4f}" for name in self._console)
+            tau = f" tau {host['tau']:.5f}" if "tau" in host else ""
+            logging.info("step %d/%d loss %.4f%s top1 %.3f lr %.4g%s | %.1f img/s ETA %s", step,
+                         self._steps, host["loss"], own, host["top1"], host["learning_rate"], tau,
                          host["images_per_sec"], _format_eta(eta))
         self._writer.write(step, host)
         self._time, self._step = now, step

@@ -22,7 +22,7 @@ project's record writer: ImageNet-sized photos (--photo_side) or the demo set (-
 """
 import argparse
 import gc
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -42,18 +42,17 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from detcon import devices as devices_lib  # noqa: E402
+from detcon import experiment as experiment_lib  # noqa: E402
+from detcon import methods as methods_lib  # noqa: E402
 from detcon import masks as masks_lib  # noqa: E402
 from detcon import model as model_lib  # noqa: E402
 from detcon import networks  # noqa: E402
-from detcon import state as state_lib  # noqa: E402
 from detcon import step as step_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("step", "masks", "pipeline", "fh")
 # The schedules depend on the run length; any value works for timing.
 TOTAL_STEPS = 1000
-# Online network: two views x (forward + backward ~ 3 forwards); target: two forwards.
-FORWARDS_PER_IMAGE = 8
 # ResNet-50 forward at 224 px: the published 4.1 GMACs (the issue's MFU convention).
 RESNET50_FORWARD_FLOPS_224 = 2 * 4.1e9
 # Dense bf16 tensor-core peaks in TFLOP/s by device kind (vendor datasheets, SXM parts).
@@ -95,12 +94,9 @@ def peak_flops(device_kind: str, override_tflops: Optional[float]) -> Optional[f
 # ------------------------------------------------------------------------------------------ step
 
 def load_config(name: str = "detcon_b") -> ml_collections.ConfigDict:
-    """get_config() of configs/<name>.py."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}",
-                                                  os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """get_config() of configs/<name>.py (a module name or a path to the file)."""
+    name = os.path.splitext(os.path.basename(name))[0]
+    return importlib.import_module(f"configs.{name}").get_config()
 
 
 def step_config(depth: int, image_size: int, global_batch: int, precision: str,
@@ -134,17 +130,13 @@ def synthetic_batch(image_size: int, local_devices: int, per_device_batch: int,
 def _build_step(config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]] = None
                 ) -> tuple[Callable, Callable[[], Any], Callable]:
     """(pmapped update step, function returning the initial TrainState, per-device step)."""
-    network = model_lib.make_network(config.model, step_lib.AXIS)
-    optimizer = step_lib.make_optimizer(config, TOTAL_STEPS)
-    update = step_lib.make_update_step(config, network, optimizer, TOTAL_STEPS)
+    experiment = experiment_lib.build(config, TOTAL_STEPS)
 
     def init() -> Any:
-        return state_lib.init_state(
-            jax.random.PRNGKey(0), model_lib.make_network(config.model, None), optimizer,
-            image_size=config.data.image_size, num_samples=config.loss.num_samples,
-            max_mask_id=config.loss.max_mask_id)
+        return experiment.init_state(jax.random.PRNGKey(0))
 
-    return step_lib.pmap_update_step(update, devices=devices), init, update
+    return (step_lib.pmap_update_step(experiment.update_step, devices=devices), init,
+            experiment.update_step)
 
 
 def lower_step(config: ml_collections.ConfigDict, per_device_batch: int) -> Any:
@@ -253,7 +245,9 @@ def benchmark_step(depth: int, image_size: int, per_device_batch: int, precision
     config = step_config(depth, image_size, global_batch, precision, base_config)
     flops = flops or forward_flops(depth, image_size)
     row.update(flops)
-    row["model_flops_per_image"] = FORWARDS_PER_IMAGE * flops["model_forward_flops"]
+    method = methods_lib.get(config.method)(config, TOTAL_STEPS)
+    row["method"] = config.method
+    row["model_flops_per_image"] = method.flops_per_image(flops["model_forward_flops"])
     try:
         p_step, init, update = _build_step(config, devices)
         state = devices_lib.replicate(init(), devices)

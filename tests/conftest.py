@@ -11,7 +11,7 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
-import importlib.util  # noqa: E402
+import importlib  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,23 +20,31 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str):
-    """get_config() of configs/<name>.py."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """get_config() of the configs.<name> module."""
+    return importlib.import_module(f"configs.{name}").get_config()
 
 
-def tiny_config(batch_size: int = 8, image_size: int = 64):
-    """The demo config shrunk for CPU tests: ResNet-18, 64 px, small heads, mock data."""
-    c = load_config("demo")
-    c.model.projector_hidden_size = 64
-    c.model.projector_output_size = 32
-    c.model.predictor_hidden_size = 64
+def shrink_heads(c) -> None:
+    """Cuts the method's head sizes (and sampled masks) of config `c` to CPU-test sizes."""
+    settings = c[c.method]
+    for field, size in (("projector_hidden_size", 64), ("predictor_hidden_size", 64),
+                        ("projector_output_size", 32), ("dense_hidden_size", 64),
+                        ("num_samples", 4)):
+        if field in settings and settings[field] > 0:
+            settings[field] = size
+
+
+def tiny_config(batch_size: int = 8, image_size: int = 64, method: str = "demo"):
+    """A method's config shrunk for CPU tests: ResNet-10, 64 px, small heads, mock data.
+
+    method "demo" is the DetCon-B demo config; otherwise the name of a module in configs/.
+    """
+    c = load_config(method)
+    shrink_heads(c)
     c.model.num_classes = 4
     c.data.image_size = image_size
+    c.data.num_train_examples = 1000
     c.model.depth = 10
-    c.loss.num_samples = 4
     c.training.batch_size = batch_size
     c.training.mock_data = True
     c.training.log_every_steps = 1

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_config
 from detcon import mock_data
-from detcon import model as model_lib
+from detcon import experiment as experiment_lib
 from detcon import state as state_lib
 from detcon import step as step_lib
 
@@ -47,21 +47,18 @@ def runs():
         configs[precision].optim.warmup_fraction = 0.0  # a non-zero first learning rate
         configs[precision].model.precision = precision
     # Both networks exist before either is traced: each must keep its own precision.
-    networks = {p: model_lib.make_network(c.model, None) for p, c in configs.items()}
-    optimizer = step_lib.make_optimizer(configs["float32"], TOTAL_STEPS)
+    experiments = {p: experiment_lib.build(c, TOTAL_STEPS, axis_name=None)
+                   for p, c in configs.items()}
     c = configs["float32"]
 
     def init(precision: str) -> state_lib.TrainState:
-        return state_lib.init_state(jax.random.PRNGKey(0), networks[precision], optimizer,
-                                    image_size=c.data.image_size, num_samples=c.loss.num_samples,
-                                    max_mask_id=c.loss.max_mask_id)
+        return experiments[precision].init_state(jax.random.PRNGKey(0))
 
     state = init("float32")
     batch = mock_data.mock_batch(0, 0, np.arange(4), c.data.image_size, c.model.num_classes)
     results = {}
     for precision, config in configs.items():
-        update = step_lib.make_update_step(config, networks[precision], optimizer, TOTAL_STEPS,
-                                           axis_name=None)
+        update = experiments[precision].update_step
         lowered = jax.jit(update).lower(state, batch)
         new_state, metrics = lowered.compile(compiler_options=_FAST_COMPILE)(state, batch)
         results[precision] = dict(text=lowered.as_text(), state=new_state, metrics=metrics)
@@ -133,4 +130,4 @@ def test_unknown_precision_is_rejected():
     config = tiny_config()
     config.model.precision = "float16"
     with pytest.raises(ValueError, match="precision"):
-        model_lib.make_network(config.model, None)
+        experiment_lib.build(config, TOTAL_STEPS)

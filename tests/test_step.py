@@ -6,24 +6,18 @@ import pytest
 
 from conftest import tiny_config
 from detcon import devices as devices_lib
+from detcon import experiment as experiment_lib
+from detcon import methods
 from detcon import mock_data
-from detcon import model as model_lib
 from detcon import optim
-from detcon import state as state_lib
 from detcon import step as step_lib
 
 TOTAL_STEPS = 100
 
 
 def _setup(config):
-    network = model_lib.make_network(config.model, step_lib.AXIS)
-    optimizer = step_lib.make_optimizer(config, TOTAL_STEPS)
-    state = state_lib.init_state(jax.random.PRNGKey(0), model_lib.make_network(config.model, None),
-                                 optimizer, image_size=config.data.image_size,
-                                 num_samples=config.loss.num_samples,
-                                 max_mask_id=config.loss.max_mask_id)
-    update = step_lib.make_update_step(config, network, optimizer, TOTAL_STEPS)
-    return state, update
+    experiment = experiment_lib.build(config, TOTAL_STEPS)
+    return experiment.init_state(jax.random.PRNGKey(0)), experiment.update_step
 
 
 def _batch(config, step, num_devices):
@@ -88,8 +82,8 @@ def test_ema_update_is_exact(two_devices):
                                                                 state.target_params))
     replicated, _ = p_step(devices_lib.replicate(state, devices), _batch(config, 0, 2))
     new = devices_lib.unreplicate(replicated)
-    tau = float(optim.target_ema(0, base_ema=config.optim.base_ema, total_steps=TOTAL_STEPS))
-    assert tau == pytest.approx(config.optim.base_ema)
+    tau = float(optim.target_ema(0, base_ema=config.detcon_b.base_ema, total_steps=TOTAL_STEPS))
+    assert tau == pytest.approx(config.detcon_b.base_ema)
     expected = jax.tree_util.tree_map(lambda t, o: tau * t + (1 - tau) * o,
                                       state.target_params, new.online_params)
     chex.assert_trees_all_close(new.target_params, expected, rtol=1e-6, atol=1e-7)
@@ -114,3 +108,43 @@ def test_step_traced_once(two_devices):
     replicated = devices_lib.replicate(state, devices)
     for t in range(2):  # fresh placement and new data reuse the compiled step
         replicated, _ = p_step(replicated, _batch(config, t, 2))
+
+
+@pytest.mark.parametrize("method", ["detcon_b", "simclr"])
+def test_one_pass_over_both_views_equals_one_pass_per_view(method):
+    """Stacked views with per-view BatchNorm give the two-pass loss, gradients and BN state."""
+    results = {}
+    for one_pass in (False, True):
+        config = tiny_config(batch_size=4, method=method)
+        config.model.one_pass_views = one_pass
+        config.optim.warmup_fraction = 0.0
+        experiment = experiment_lib.build(config, TOTAL_STEPS, axis_name=None)
+        state = experiment.init_state(jax.random.PRNGKey(0))
+        batch = {k: v[0] for k, v in _batch(config, 0, 1).items()}
+        views = tuple(experiment.method.view_inputs(
+            step_lib.example_keys(state.rng, state.step, batch["index"], 4)[:, 2 * v:2 * v + 2],
+            batch, v) for v in range(2))
+
+        def objective(params):
+            forward = methods.forward_views(experiment.network, params, state.online_state, views,
+                                            one_pass, is_training=True)
+            target = forward.outputs if experiment.method.has_target else None
+            loss, _ = experiment.method.loss(forward.outputs, target, views, state.extra, None)
+            return loss, forward.state
+
+        (loss, net_state), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+            state.online_params)
+        new_state, metrics = jax.jit(experiment.update_step)(state, batch)
+        results[one_pass] = (loss, grads, net_state, new_state, metrics)
+    two, one = results[False], results[True]
+    np.testing.assert_allclose(one[0], two[0], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(one[1], two[1], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(one[2], two[2], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(one[3].online_state, two[3].online_state, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(one[3].target_state, two[3].target_state, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(one[3].online_params, two[3].online_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one[4]["loss"], two[4]["loss"], rtol=1e-5, atol=1e-5)
+    # Not vacuous: the BatchNorm averages moved away from their initial values.
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                                   one[2], experiment.init_state(jax.random.PRNGKey(0)).online_state)
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-3

@@ -121,8 +121,9 @@ def test_cli_demo_mock_run_resumes(tmp_path):
 
 
 TINY_FLAGS = ["--config=configs/demo.py", "--config.model.depth=10", "--config.data.image_size=64",
-              "--config.model.projector_hidden_size=64", "--config.model.predictor_hidden_size=64",
-              "--config.model.projector_output_size=32", "--config.loss.num_samples=4",
+              "--config.detcon_b.projector_hidden_size=64",
+              "--config.detcon_b.predictor_hidden_size=64",
+              "--config.detcon_b.projector_output_size=32", "--config.detcon_b.num_samples=4",
               "--mock_data", "--batch_size=8", "--max_steps=2", "--log_every_steps=1"]
 
 
@@ -189,11 +190,9 @@ def test_is_test_smoke_run(tmp_path):
 def test_incomplete_init_checkpoint_is_refused(tmp_path):
     """A torso checkpoint that leaves weights unfilled must not start a run silently."""
     import jax
-    from detcon import model as model_lib, state as state_lib, step as step_lib
+    from detcon import experiment as experiment_lib
     config = _config(1)
-    state = state_lib.init_state(jax.random.PRNGKey(0), model_lib.make_network(config.model, None),
-                                 step_lib.make_optimizer(config, 1), image_size=64, num_samples=4,
-                                 max_mask_id=256)
+    state = experiment_lib.build(config, 1).init_state(jax.random.PRNGKey(0))
     flat = {f"{module}/{name}": np.asarray(value)
             for module, leaves in state.online_params.items() if module.startswith("res_net10/")
             and not module.endswith("initial_conv") for name, value in leaves.items()}

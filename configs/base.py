@@ -1,0 +1,58 @@
+"""What every method's config shares: torso, data, optimiser and training loop settings.
+
+A method config calls `get_config(method, method_settings)` and overrides recipe fields; the
+method's own fields live in the group named after it (config.<method>).
+"""
+import ml_collections
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
+    """The shared ImageNet defaults (ResNet-50, 224 px, batch 4096) plus `method`'s group."""
+    c = ml_collections.ConfigDict()
+    c.method = method  # a name registered in detcon.methods
+    c[method] = ml_collections.ConfigDict(method_settings)
+
+    c.model = ml_collections.ConfigDict(dict(
+        depth=50,
+        width_multiplier=1,
+        num_classes=1000,        # online linear probe on stop-gradient features
+        bn_decay_rate=0.9,
+        precision="float32",     # or "bfloat16": bf16 convs/matmuls, fp32 params/BN/loss
+        # Both views through each network as one batch (BatchNorm statistics still per view):
+        # same numbers as one pass per view, larger GEMMs and half the kernel launches.
+        one_pass_views=True,
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        dataset_directory="",    # TFRecords from scripts/generate_fh_masks.py
+        demo=False,              # build and use the embedded scikit-image demo dataset
+        image_size=224,
+        fh_mask_index=0,         # which FH scale of the record to use
+        num_train_examples=IMAGENET_TRAIN_EXAMPLES,  # <= 0: read from the dataset directory
+        shuffle_buffer=10_000,
+        seed=0,
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        name="lars",
+        base_learning_rate=0.2,  # scaled by batch_size / 256
+        warmup_fraction=0.01,
+        weight_decay=1.5e-6,
+        trust_coefficient=1e-3,
+        momentum=0.9,
+    ))
+    c.training = ml_collections.ConfigDict(dict(
+        batch_size=4096,         # global, over all devices and hosts
+        pretrain_epochs=1000,
+        max_steps=-1,            # > 0 overrides the step count derived from epochs
+        seed=0,
+        mock_data=False,
+        checkpoint_every_steps=1000,
+        keep_checkpoints=3,
+        log_every_steps=100,
+        log_tensors_interval=60.0,  # seconds; also log at least this often
+        init_checkpoint="",      # DeepMind .npy torso weights to start from (needs allow_pickle)
+        allow_pickle=False,
+        compilation_cache=True,  # JAX's persistent cache in $DETCON_CACHE_DIR or ~/.cache/detcon/jax
+    ))
+    return c

@@ -1,0 +1,134 @@
+"""The method interface: what a self-supervised objective brings to the shared update step.
+
+A method owns its networks (heads on the shared ResNet torso), the per-view inputs it builds from
+a batch, its loss, whether it keeps a target network and how that network follows the online one,
+and any extra state (e.g. queues). The trainer (`detcon.step`) owns the sequence around them:
+keys -> inputs -> target forward -> grad of the loss -> pmean -> optimiser -> target update.
+"""
+import abc
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from detcon import losses
+from detcon import optim
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class Forward(NamedTuple):
+    """A network's outputs for the views of one step and its updated state (BatchNorm averages)."""
+    outputs: tuple[Any, ...]  # one outputs NamedTuple per view
+    state: hk.State
+
+
+class Method(abc.ABC):
+    """One self-supervised objective; instantiated with the run's config and step count."""
+
+    name: ClassVar[str]
+    needs_masks: ClassVar[bool]    # whether batches must carry FH masks (fh_mask1/fh_mask2)
+    has_target: ClassVar[bool]     # whether a target (EMA / momentum) network is kept
+    target_init: ClassVar[str] = "copy"  # "copy": target = online at init; "own_key": own draw
+    console_metrics: ClassVar[tuple[str, ...]] = ()  # shown on the console besides loss and top1
+    keys_per_view: ClassVar[int] = 1     # per-example PRNG keys each view's inputs use
+
+    def __init__(self, config: ml_collections.ConfigDict, total_steps: int):
+        self.config = config
+        self.settings = config[self.name]  # the method's own config group
+        self.total_steps = total_steps
+
+    # ---------------------------------------------------------------------------------- networks
+
+    @abc.abstractmethod
+    def make_network(self, axis_name: Optional[str]) -> hk.TransformedWithState:
+        """init/apply of `forward(view_inputs, is_training, online)` -> outputs with .logits.
+
+        `online=False` builds the target network's view (e.g. without predictor); both share
+        parameter names so the target is a copy of the online parameters' structure.
+        """
+
+    @abc.abstractmethod
+    def view_inputs(self, keys: jax.Array, batch: Batch, view: int) -> NamedTuple:
+        """The network inputs of view 0 or 1 from a per-device batch; keys [b, keys_per_view, 2]."""
+
+    def dummy_view(self) -> NamedTuple:
+        """View inputs of one blank example, for initialisation."""
+        size = self.config.data.image_size
+        batch = {"view1": jnp.zeros((1, size, size, 3)), "view2": jnp.zeros((1, size, size, 3)),
+                 "fh_mask1": jnp.zeros((1, size, size), jnp.int32),
+                 "fh_mask2": jnp.zeros((1, size, size), jnp.int32)}
+        keys = jnp.zeros((1, self.keys_per_view, 2), jnp.uint32)
+        return self.view_inputs(keys, batch, 0)
+
+    # ------------------------------------------------------------------------------------- loss
+
+    @abc.abstractmethod
+    def loss(self, online: Sequence[Any], target: Optional[Sequence[Any]], views: Sequence[Any],
+             extra: Any, axis_name: Optional[str]) -> tuple[jax.Array, Metrics]:
+        """(scalar loss, metrics) from per-view online outputs and stop-gradient target outputs."""
+
+    # ------------------------------------------------------------------------ target and extra
+
+    def target_decay(self, step: jax.Array) -> jax.Array:
+        """EMA decay of the target network at `step` (BYOL's cosine ramp to 1 by default)."""
+        return optim.target_ema(step, base_ema=self.settings.base_ema, total_steps=self.total_steps)
+
+    def init_extra(self) -> Any:
+        """Extra state carried in TrainState.extra (e.g. queues); an empty dict by default."""
+        return {}
+
+    def update_extra(self, extra: Any, online: Sequence[Any], target: Optional[Sequence[Any]],
+                     step_key: jax.Array, axis_name: Optional[str]) -> Any:
+        """The extra state after this step (e.g. keys enqueued); unchanged by default."""
+        del online, target, step_key, axis_name
+        return extra
+
+    def target_forward(self, network: hk.TransformedWithState, params: hk.Params,
+                       state: hk.State, views: Sequence[Any], step_key: jax.Array,
+                       axis_name: Optional[str]) -> Forward:
+        """The target network on every view, BatchNorm in training mode (as BYOL and MoCo)."""
+        del step_key, axis_name
+        return forward_views(network, params, state, views, self.config.model.one_pass_views,
+                             is_training=True, online=False)
+
+    # ---------------------------------------------------------------------------- benchmarking
+
+    def flops_per_image(self, torso_forward_flops: float) -> float:
+        """Model FLOPs per image of one step, from the torso's forward FLOPs at this image size.
+
+        Two views, each through the online network forward and backward (3 forward-equivalents),
+        plus a target forward per view when there is one; heads are small and left out.
+        """
+        per_view = 3.0 + (1.0 if self.has_target else 0.0)
+        return 2.0 * per_view * torso_forward_flops
+
+
+def forward_views(network: hk.TransformedWithState, params: hk.Params, state: hk.State,
+                  views: Sequence[Any], one_pass: bool = True, **kwargs: Any) -> Forward:
+    """Applies `network` to every view with BatchNorm statistics per view.
+
+    one_pass: the views go through as one stacked batch (networks.per_view_batch_norm keeps the
+    statistics per view), else one apply per view, threading the state; both give equal results.
+    """
+    if one_pass and len(views) > 1:
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=0), *views)
+        out, state = network.apply(params, state, None, stacked, num_views=len(views), **kwargs)
+        split = lambda x: None if x is None else jnp.split(x, len(views), axis=0)
+        per_leaf = [split(x) for x in out]
+        return Forward(tuple(type(out)(*(None if p is None else p[v] for p in per_leaf))
+                             for v in range(len(views))), state)
+    outputs = []
+    for view in views:
+        out, state = network.apply(params, state, None, view, **kwargs)
+        outputs.append(out)
+    return Forward(tuple(outputs), state)
+
+
+def feature_std(x: jax.Array) -> jax.Array:
+    """Mean over dims of the std over rows of L2-normalised features [..., D] (collapse check)."""
+    x = losses.l2_normalize(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
+    return jnp.mean(jnp.std(x, axis=0))

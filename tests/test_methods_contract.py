@@ -1,0 +1,146 @@
+"""The contract every registered method inherits: finite step, 1 vs 4 devices, one trace,
+exact resume, loadable export, and learning on a fixed batch."""
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from detcon import checkpoint as checkpoint_lib
+from detcon import devices as devices_lib
+from detcon import experiment as experiment_lib
+from detcon import export
+from detcon import methods
+from detcon import mock_data
+from detcon import step as step_lib
+from detcon import train
+
+TOTAL_STEPS = 100
+METHODS = methods.names()
+
+
+def _config(method: str, batch_size: int = 8):
+    c = tiny_config(batch_size=batch_size, method=method)
+    c.training.seed = 3
+    return c
+
+
+def _batch(config, step: int, num_devices: int) -> dict:
+    b = config.training.batch_size
+    flat = mock_data.mock_batch(0, step, np.arange(b), config.data.image_size,
+                                config.model.num_classes)
+    return {k: v.reshape((num_devices, b // num_devices) + v.shape[1:]) for k, v in flat.items()}
+
+
+def _run(experiment, state, num_devices: int, steps: int, counted: bool = False):
+    devices = jax.devices()[:num_devices]
+    update = chex.assert_max_traces(experiment.update_step, n=1) if counted else experiment.update_step
+    p_step = step_lib.pmap_update_step(update, devices=devices)
+    replicated = devices_lib.replicate(state, devices)
+    history = []
+    for t in range(steps):
+        batch = devices_lib.shard(_batch(experiment.config, t, num_devices), devices)
+        replicated, metrics = p_step(replicated, batch)
+        history.append(devices_lib.unreplicate(metrics))
+    return devices_lib.unreplicate(replicated), history
+
+
+def test_registry_lists_the_methods_and_names_them_in_errors():
+    assert {"detcon_b", "detcon_s", "byol", "simclr"} <= set(METHODS)
+    with pytest.raises(ValueError, match="available: .*byol.*detcon_b"):
+        methods.get("no_such_method")
+
+
+def test_a_method_defined_outside_registers_without_editing_the_trainer():
+    class Echo(methods.get("byol")):
+        name = "echo_outside"
+
+    try:
+        methods.register(Echo)
+        assert methods.get("echo_outside") is Echo
+    finally:
+        methods.registry._METHODS.pop("echo_outside")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_device_equals_four_devices_and_traces_once(method):
+    config = _config(method)
+    experiment = experiment_lib.build(config, TOTAL_STEPS)
+    state = experiment.init_state(jax.random.PRNGKey(0))
+    chex.clear_trace_counter()
+    s1, h1 = _run(experiment, state, 1, 2, counted=True)
+    s4, h4 = _run(experiment, state, 4, 2)
+    for m1, m4 in zip(h1, h4):
+        assert np.isfinite(m1["loss"]), (method, m1)
+        np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(m1["objective"], m4["objective"], rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(s1.online_params, s4.online_params, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(s1.online_state, s4.online_state, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(s1.target_params, s4.target_params, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(s1.extra, s4.extra, rtol=1e-4, atol=1e-4)
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), s1.online_params,
+                                   state.online_params)
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-5, "the step did not move the parameters"
+    chex.clear_trace_counter()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_falls_on_a_fixed_batch(method):
+    config = _config(method)
+    config.optim.warmup_fraction = 0.0
+    config.optim.base_learning_rate = 100.0 if config.optim.name == "lars" else 10.0
+    experiment = experiment_lib.build(config, TOTAL_STEPS)
+    devices = jax.devices()[:2]
+    p_step = step_lib.pmap_update_step(experiment.update_step, devices=devices)
+    replicated = devices_lib.replicate(experiment.init_state(jax.random.PRNGKey(0)), devices)
+    batch = devices_lib.shard(_batch(config, 0, 2), devices)
+    objective = []
+    for _ in range(25):
+        replicated, metrics = p_step(replicated, batch)
+        objective.append(float(devices_lib.unreplicate(metrics)["objective"]))
+    first, last = np.mean(objective[:5]), np.mean(objective[-5:])
+    assert np.all(np.isfinite(objective)), objective
+    assert last < first - 0.05 * abs(first), (method, first, last, objective)
+
+
+class _Preempted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resumed_run_equals_uninterrupted_and_exports(method, tmp_path, monkeypatch):
+    config = _config(method)
+    config.training.max_steps = 4
+    config.training.checkpoint_every_steps = 2
+    config.training.keep_checkpoints = 5
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.run(config, straight)
+
+    real_save = checkpoint_lib.save
+
+    def save_then_preempt(manager, state, meta):
+        real_save(manager, state, meta)
+        if int(state.step) == 2:
+            raise _Preempted()
+
+    monkeypatch.setattr(train.checkpoint_lib, "save", save_then_preempt)
+    with pytest.raises(_Preempted):
+        train.run(config, resumed)
+    monkeypatch.undo()
+    train.run(config, resumed)
+
+    template = experiment_lib.build(config, 4).init_state(jax.random.PRNGKey(0))
+    a, _ = checkpoint_lib.restore(checkpoint_lib.make_manager(straight, 5), template)
+    b, _ = checkpoint_lib.restore(checkpoint_lib.make_manager(resumed, 5), template)
+    assert int(a.step) == int(b.step) == 4
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+
+    params, net_state, saved = checkpoint_lib.load_network(resumed, "online")
+    assert saved["method"] == method
+    arrays = export.haiku_to_npz(params, net_state, saved["model"]["depth"])
+    path = str(tmp_path / "torso.npz")
+    export.write_npz(arrays, path)
+    loaded_params, loaded_state = export.npz_to_haiku(dict(np.load(path)))
+    torso = {k: v for k, v in params.items() if k.startswith("res_net10")}
+    chex.assert_trees_all_close(loaded_params, torso)
+    assert export.infer_torso_architecture(loaded_params) == (10, 1)
