@@ -23,6 +23,8 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
         # Both views through each network as one batch (BatchNorm statistics still per view):
         # same numbers as one pass per view, larger GEMMs and half the kernel launches.
         one_pass_views=True,
+        # Under bfloat16: BatchNorm statistics in fp32, normalise-scale-shift on bf16 activations.
+        bf16_batch_norm=True,
     ))
     c.data = ml_collections.ConfigDict(dict(
         dataset_directory="",    # TFRecords from scripts/generate_fh_masks.py

@@ -3,6 +3,7 @@ from typing import NamedTuple, Optional
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from detcon import masks as masks_lib
@@ -55,11 +56,13 @@ def make_network(model: ml_collections.ConfigDict, heads: Heads, axis_name: Opti
     """
     precision = model.precision  # read now: a later edit of the config must not change this network
     precision_lib.check_precision(precision)
+    # bf16 runs normalise in bf16 (fp32 statistics) unless the config keeps them fp32.
+    norm_dtype = jnp.bfloat16 if precision == "bfloat16" and model.bf16_batch_norm else jnp.float32
 
     def forward(view: NamedTuple, is_training: bool, online: bool = True,
                 num_views: int = 1) -> ViewOutputs:
         # Policies apply while tracing (see precision.policies), so each network keeps its own.
-        with precision_lib.policies(precision), networks.per_view_batch_norm(num_views):
+        with precision_lib.policies(precision), networks.batch_norm_mode(num_views, norm_dtype):
             torso = networks.ResNetTorso(model.depth, model.width_multiplier, axis_name,
                                          bn_decay_rate=model.bn_decay_rate)
             projector = networks.MLP(heads.projector_hidden, heads.projector_output, axis_name,

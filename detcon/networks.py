@@ -110,20 +110,61 @@ def torso_fn(depth: int, width_multiplier: int = 1, axis_name: Optional[str] = N
     return hk.transform_with_state(forward)
 
 
-def per_view_batch_norm(num_views: int) -> Any:
-    """Context (inside a transform) in which every hk.BatchNorm normalises each of `num_views`
-    equal leading chunks of its input separately, updating its averages chunk after chunk.
 
-    Lets both views run through a network as one batch [V*N, ...] (one conv per layer, twice the
-    GEMM size) while BatchNorm statistics and moving averages stay exactly those of one pass per
-    view, as the official releases compute them.
+def _batch_norm_train(module: hk.BatchNorm, inputs: jax.Array, num_views: int,
+                      apply_dtype: jnp.dtype) -> jax.Array:
+    """hk.BatchNorm's training-mode forward with statistics per view: [V*N, ..., C] -> same.
+
+    Statistics are fp32 (E[x^2] - E[x]^2, as Haiku) over each of the num_views leading chunks,
+    and the moving averages take one update per view in order, as one call per view would.
+    The normalisation runs in apply_dtype: in bfloat16 it is x * a + b with a, b folded in fp32,
+    so the activations kept for the backward pass stay bf16.
+    """
+    views = inputs.reshape((num_views, -1) + inputs.shape[1:])
+    axes = tuple(range(1, views.ndim - 1))
+    as_f32 = views.astype(jnp.float32)
+    mean = jnp.mean(as_f32, axes, keepdims=True)
+    mean_of_squares = jnp.mean(jnp.square(as_f32), axes, keepdims=True)
+    if module.cross_replica_axis:
+        mean, mean_of_squares = jax.lax.pmean(
+            (mean, mean_of_squares), axis_name=module.cross_replica_axis,
+            axis_index_groups=module.cross_replica_axis_index_groups)
+    var = mean_of_squares - jnp.square(mean)
+    for view in range(num_views):
+        module.mean_ema(mean[view].astype(inputs.dtype))
+        module.var_ema(var[view].astype(inputs.dtype))
+    w_shape = (1,) * (inputs.ndim - 1) + inputs.shape[-1:]
+    scale = (hk.get_parameter("scale", w_shape, inputs.dtype, module.scale_init)
+             if module.create_scale else jnp.ones([], inputs.dtype))
+    offset = (hk.get_parameter("offset", w_shape, inputs.dtype, module.offset_init)
+              if module.create_offset else jnp.zeros([], inputs.dtype))
+    inv = scale * jax.lax.rsqrt(var + jnp.asarray(module.eps, var.dtype))
+    if jnp.dtype(apply_dtype) == jnp.float32:
+        out = (as_f32 - mean) * inv + offset  # Haiku's own expression
+    else:
+        shift = offset - mean * inv
+        out = views.astype(apply_dtype) * inv.astype(apply_dtype) + shift.astype(apply_dtype)
+    return out.reshape(inputs.shape).astype(inputs.dtype)
+
+
+def batch_norm_mode(num_views: int = 1, apply_dtype: jnp.dtype = jnp.float32) -> Any:
+    """Context (inside a transform) changing how every hk.BatchNorm trains, same parameters.
+
+    num_views > 1: the input holds that many views stacked along the batch, and each is
+    normalised with its own statistics, so both views can run through a network as one batch
+    (one conv per layer, twice the GEMM size) with the numbers of one pass per view, as the
+    official releases normalise. apply_dtype bfloat16: fp32 statistics, bf16 normalisation (see
+    _batch_norm_train). Inference, and fp32 with one view, stay Haiku's own code.
     """
     def interceptor(next_f, args, kwargs, context):
-        if num_views == 1 or context.method_name != "__call__" or not isinstance(
-                context.module, hk.BatchNorm):
+        if context.method_name != "__call__" or not isinstance(context.module, hk.BatchNorm):
             return next_f(*args, **kwargs)
-        inputs, rest = args[0], args[1:]
-        chunks = jnp.split(inputs, num_views, axis=0)
-        return jnp.concatenate([next_f(chunk, *rest, **kwargs) for chunk in chunks], axis=0)
+        bound = dict(zip(("inputs", "is_training", "test_local_stats", "scale", "offset"), args),
+                     **kwargs)
+        plain = num_views == 1 and jnp.dtype(apply_dtype) == jnp.float32
+        if (plain or not bound["is_training"] or bound.get("test_local_stats")
+                or bound.get("scale") is not None or bound.get("offset") is not None):
+            return next_f(*args, **kwargs)
+        return _batch_norm_train(context.module, bound["inputs"], num_views, apply_dtype)
 
     return hk.intercept_methods(interceptor)

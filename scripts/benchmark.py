@@ -495,7 +495,7 @@ def format_table(title: str, rows: Sequence[dict[str, Any]],
     return "\n".join(lines)
 
 
-STEP_COLUMNS = (("depth", "depth", "d"), ("image_size", "px", "d"), ("precision", "precision", ""),
+STEP_COLUMNS = (("method", "method", ""), ("depth", "depth", "d"), ("image_size", "px", "d"), ("precision", "precision", ""),
                 ("per_device_batch", "batch/dev", "d"), ("devices", "devs", "d"),
                 ("status", "status", ""), ("images_per_s", "img/s", ".1f"),
                 ("images_per_s_per_device", "img/s/dev", ".1f"), ("step_ms", "ms/step", ".1f"),
@@ -543,7 +543,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--what", default="step,masks", help=f"comma-separated parts: {','.join(PARTS)}")
     add("--config", default="detcon_b",
-        help="configs/<name>.py giving the heads and loss; depth, size, batch, precision override")
+        help="configs/<name>.py (or several, comma-separated) giving the method, heads and loss; "
+             "depth, size, batch, precision override")
+    add("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+        help="config override, repeatable (e.g. model.one_pass_views=false)")
     add("--depth", type=int, default=50)
     add("--image_size", type=int, default=224)
     add("--per_device_batch", default="64", help="comma-separated list, e.g. 64,128,256")
@@ -603,24 +606,52 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if "step" in args.parts:
         peak = peak_flops(results["machine"]["device_kind"], args.peak_tflops)
         flops = forward_flops(args.depth, args.image_size)
-        base = load_config(args.config)
         results["step"] = []
-        for precision in args.precision.split(","):
-            too_large = None  # smallest per-device batch of this precision that did not fit
-            for batch in _int_list(args.per_device_batch):  # in the order given
-                if too_large is not None and batch >= too_large and args.skip_after_oom:
-                    continue
-                row = benchmark_step(args.depth, args.image_size, batch, precision,
-                                     steps=args.steps, warmup=args.warmup, peak=peak,
-                                     num_devices=args.devices, base_config=base, flops=flops,
-                                     compiler_options=args.compiler_options)
-                row = dict(config=args.config, **row)
-                results["step"].append(row)
-                print(json.dumps(row, default=str), flush=True)
-                save()
-                if row["status"] != "ok":
-                    too_large = min(batch, too_large or batch)
+        for name in args.config.split(","):
+            base = load_config(name)
+            for override in args.set:
+                apply_override(base, override)
+            _benchmark_steps(args, name, base, peak, flops, results, save)
         print(format_table("update step", results["step"], STEP_COLUMNS), flush=True)
+    _host_parts(args, results, save)
+    return results
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Sets config field 'group.field=value' (value parsed as a Python literal, else a string)."""
+    path, _, text = override.partition("=")
+    *groups, field = path.split(".")
+    node = config
+    for group in groups:
+        node = node[group]
+    value = _option_value(text)
+    if isinstance(node[field], bool) and isinstance(value, str):
+        value = value.lower() in ("1", "true", "yes")
+    node[field] = value
+
+
+def _benchmark_steps(args: argparse.Namespace, name: str, base: ml_collections.ConfigDict,
+                     peak: Optional[float], flops: dict, results: dict, save: Callable) -> None:
+    """Appends one step row per precision and per-device batch of config `name` to results."""
+    for precision in args.precision.split(","):
+        too_large = None  # smallest per-device batch of this precision that did not fit
+        for batch in _int_list(args.per_device_batch):  # in the order given
+            if too_large is not None and batch >= too_large and args.skip_after_oom:
+                continue
+            row = benchmark_step(args.depth, args.image_size, batch, precision,
+                                 steps=args.steps, warmup=args.warmup, peak=peak,
+                                 num_devices=args.devices, base_config=base, flops=flops,
+                                 compiler_options=args.compiler_options)
+            row = dict(config=name, overrides=list(args.set), **row)
+            results["step"].append(row)
+            print(json.dumps(row, default=str), flush=True)
+            save()
+            if row["status"] != "ok":
+                too_large = min(batch, too_large or batch)
+
+
+def _host_parts(args: argparse.Namespace, results: dict, save: Callable) -> None:
+    """The masks, pipeline and fh parts, as requested."""
     if "masks" in args.parts:
         results["masks"] = benchmark_masks(args.mask_batch, args.mask_image_size or args.image_size,
                                            args.max_mask_id, args.mask_repeats)
@@ -651,7 +682,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                      args.work_directory)
         save()
         print(format_table("FH masks", results["fh"], FH_COLUMNS), flush=True)
-    return results
 
 
 if __name__ == "__main__":

@@ -35,15 +35,19 @@ def test_step_program_does_not_grow_with_the_batch():
 def test_step_and_masks_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = benchmark.main([
-        "--what=step,masks", "--config=demo", "--depth=10", "--image_size=32", "--devices=1",
+        "--what=step,masks", "--config=demo,configs/simclr.py", "--depth=10", "--image_size=32", "--devices=1",
         "--per_device_batch=2", "--steps=1", "--warmup=1", "--mask_batch=4",
         "--mask_image_size=64", "--mask_repeats=2", f"--json={out}",
         *(f"--compiler_option={k}={v}" for k, v in _FAST_COMPILE.items())])
     written = json.loads(out.read_text())
-    assert written["machine"]["local_devices"] == 8 and len(written["step"]) == 1
+    assert written["machine"]["local_devices"] == 8 and len(written["step"]) == 2
     printed = capsys.readouterr().out
     assert "update step" in printed and "grid masks" in printed
-    (row,) = results["step"]
+    row, simclr = results["step"]
+    # SimCLR has no target network: 2 views x (forward + backward) = 6 forward-equivalents.
+    assert simclr["method"] == "simclr" and simclr["status"] == "ok"
+    assert simclr["model_flops_per_image"] == 6 * simclr["counted_forward_flops"]
+    assert 4.5 < simclr["step_flops_per_image"] / simclr["counted_forward_flops"] < 9
     assert row["status"] == "ok" and row["devices"] == 1 and row["global_batch"] == 2
     assert row["compiler_options"] == _FAST_COMPILE
     assert np.isfinite(row["loss"])

