@@ -132,6 +132,12 @@ def dominant_class(scene: scene_render.Scene) -> int:
     return int(np.argmax(counts)) if counts.any() else 0
 
 
+def _jpeg(scene: scene_render.Scene) -> bytes:
+    """Returns the stored JPEG of a scene: 4:4:4 chroma, since 4:2:0 smears the colour edges and
+    textures of 64 px scenes (mean error 13.6 grey levels vs 2.6 outside noise textures)."""
+    return image_codec.encode_jpeg(scene.image, full_chroma=True)
+
+
 def _record(jpeg: bytes, name: str, label: int, fh: mask_job.FhParams) -> bytes:
     """Returns the serialized record of one image, made by the real-data writer."""
     synset = class_names()[label - 1] if label else ""
@@ -187,7 +193,7 @@ def _write_pretrain(spec: SceneDatasetSpec, root: str) -> None:
 
     def record(index: int) -> bytes:
         scene = pretrain_scene(spec, index)
-        jpeg = image_codec.encode_jpeg(scene.image)
+        jpeg = _jpeg(scene)
         return _record(jpeg, f"scene_{index:06d}", dominant_class(scene), fh)
 
     _write_shards(directory, "train", spec.num_pretrain, spec.pretrain_shards, record)
@@ -207,7 +213,7 @@ def _write_voc(spec: SceneDatasetSpec, root: str) -> None:
         for index, image_id in enumerate(ids):
             scene = voc_scene(spec, split, index)
             with open(os.path.join(paths["images"], f"{image_id}.jpg"), "wb") as handle:
-                handle.write(image_codec.encode_jpeg(scene.image))
+                handle.write(_jpeg(scene))
             voc.write_label_png(os.path.join(paths["labels"], f"{image_id}.png"), scene.class_map)
         voc.write_image_set(directory, split, ids)
 
@@ -223,7 +229,7 @@ def _write_classification(spec: SceneDatasetSpec, root: str) -> None:
 
         def record(index: int, split: str = split) -> bytes:
             scene = classification_scene(spec, split, index)
-            jpeg = image_codec.encode_jpeg(scene.image)
+            jpeg = _jpeg(scene)
             return _record(jpeg, f"{split}_{index:06d}", scene.objects[0].shape + 1, fh)
 
         _write_shards(directory, split, count, spec.classification_shards, record)
