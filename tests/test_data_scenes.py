@@ -183,6 +183,9 @@ def test_build_keeps_an_equal_dataset_and_refuses_others(tiny_dataset, tmp_path)
     assert {k: os.stat(os.path.join(tiny_dataset, k)).st_mtime_ns for k in stamps} == stamps
     with pytest.raises(ValueError, match="differs in: num_pretrain.*--output_directory"):
         scenes.build(dataclasses.replace(_TINY, num_pretrain=13), tiny_dataset)
+    bigger = dataclasses.replace(_TINY, scene=scene_render.SceneParams(image_size=48))
+    with pytest.raises(ValueError, match=r"differs in: fh.min_sizes, scene.image_size;"):
+        scenes.build(bigger, tiny_dataset)
     (tmp_path / "photos").mkdir()
     with pytest.raises(ValueError, match="holds no scenes.json"):
         scenes.build(_TINY, str(tmp_path / "photos"))

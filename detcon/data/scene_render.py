@@ -34,8 +34,8 @@ class SceneParams:
     image_size: int = 64
     min_objects: int = 2
     max_objects: int = 6
-    min_radius: float = 0.10
-    max_radius: float = 0.22
+    min_radius: float = 0.12
+    max_radius: float = 0.25
     # Every earlier object keeps at least this fraction of its own pixels visible.
     min_visible: float = 0.35
     # Smallest RGB distance between any object colour and any background colour.
