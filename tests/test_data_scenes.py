@@ -339,3 +339,14 @@ def test_cli_writes_the_dataset_with_the_given_fh_parameters(tmp_path):
     record = next(iter(tf.data.TFRecordDataset(pipeline.list_shards(directory, "train"))))
     features = tf.train.Example.FromString(record.numpy()).features.feature
     assert list(features["image/felzenszwalb_scales"].float_list.value) == [100.0]
+
+
+def test_voc_label_png_round_trips_and_a_colour_png_is_refused(tmp_path):
+    labels = np.random.default_rng(0).integers(0, K + 1, (9, 13), dtype=np.uint8)
+    labels[0, 0] = voc.IGNORE_INDEX
+    path = str(tmp_path / "labels.png")
+    voc.write_label_png(path, labels)
+    np.testing.assert_array_equal(voc.read_label_png(path), labels)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match=r"rgb.png: expected a palette"):
+        voc.read_label_png(str(tmp_path / "rgb.png"))
