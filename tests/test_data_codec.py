@@ -65,3 +65,17 @@ def test_broken_inputs_are_refused_with_a_reason():
         image_codec.to_rgb_jpeg(data[: len(data) // 2])
     with pytest.raises(image_codec.BadImageError, match="not an image format"):
         image_codec.to_rgb_jpeg(b"hello, I am a text file\n")
+
+
+def test_full_chroma_jpeg_keeps_colour_edges_that_subsampling_smears():
+    # One-pixel red/green columns: 4:2:0 averages neighbouring colours, 4:4:4 keeps each column.
+    columns = np.zeros((16, 16, 3), np.uint8)
+    columns[:, 0::2, 0] = 255
+    columns[:, 1::2, 1] = 255
+    halved = image_codec.encode_jpeg(columns)
+    full = image_codec.encode_jpeg(columns, full_chroma=True)
+    assert Image.open(io.BytesIO(halved)).layer[0][1:3] == (2, 2)
+    assert Image.open(io.BytesIO(full)).layer[0][1:3] == (1, 1)
+    error_halved = np.abs(image_codec.decode_rgb(halved).numpy() - columns.astype(float)).mean()
+    error_full = np.abs(image_codec.decode_rgb(full).numpy() - columns.astype(float)).mean()
+    assert error_full < 10 < error_halved

@@ -1,1 +1,2 @@
-"""Input data: TFRecord schema, tf.data pipeline, demo dataset (the only TensorFlow users)."""
+"""Input data: TFRecord schema, tf.data pipeline, demo and synthetic-scenes datasets (the only
+TensorFlow users)."""

@@ -50,10 +50,14 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def encode_jpeg(pixels: np.ndarray) -> bytes:
-    """Returns JFIF JPEG bytes of uint8 `[H, W, 3]` pixels."""
+def encode_jpeg(pixels: np.ndarray, full_chroma: bool = False) -> bytes:
+    """Returns JFIF JPEG bytes of uint8 `[H, W, 3]` pixels (`full_chroma`: 4:4:4, else 4:2:0)."""
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
+    # Pillow's default, 4:2:0, halves colour resolution; 4:4:4 keeps it for tiny images.
+    subsampling = 0 if full_chroma else -1
+    Image.fromarray(pixels).save(
+        out, format="JPEG", quality=JPEG_QUALITY, subsampling=subsampling
+    )
     return out.getvalue()
 
 
