@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on CPU (multi-device tests fake 4-8 CPU devices themselves).
+# Runs the test suite on CPU (multi-device tests fake 4-8 CPU devices themselves).
+# By default the @pytest.mark.slow end-to-end tests are skipped; CI (CI=true) or
+# DETCON_TEST_ALL=1 runs everything. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${DETCON_VENV:-$PWD/.venv}"
 export JAX_PLATFORMS=cpu
 export TF_CPP_MIN_LOG_LEVEL=2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec "$VENV/bin/python" -m pytest -q -ra "$@"
+select=(-m "not slow")
+if [ "${CI:-}" = "true" ] || [ "${DETCON_TEST_ALL:-0}" = "1" ]; then
+  select=()
+fi
+exec "$VENV/bin/python" -m pytest -q -ra --durations=15 "${select[@]}" "$@"
