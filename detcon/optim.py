@@ -1,4 +1,4 @@
-"""LARS from optax, plus the learning-rate and target-EMA schedules of BYOL/DetCon."""
+"""LARS as an optax chain, plus the learning-rate and target-EMA schedules of BYOL/DetCon."""
 from typing import Any, Union
 
 import jax
@@ -42,7 +42,22 @@ def lars_mask(params: Any) -> Any:
 def lars(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1.5e-6,
          trust_coefficient: float = 1e-3, momentum: float = 0.9
          ) -> optax.GradientTransformation:
-    """optax.lars with biases and BatchNorm parameters excluded from decay and trust ratio."""
-    return optax.lars(learning_rate=learning_rate, weight_decay=weight_decay,
-                      weight_decay_mask=lars_mask, trust_coefficient=trust_coefficient,
-                      trust_ratio_mask=lars_mask, momentum=momentum)
+    """LARS of the DetCon/BYOL releases: decay -> trust ratio -> momentum -> times -lr(step).
+
+    Biases and BatchNorm parameters are neither decayed nor trust-ratio scaled (`lars_mask`).
+    Unlike `optax.lars`, the learning rate multiplies the momentum trace rather than feeding it,
+    so a changing rate (warm-up, cosine) rescales the whole trace at once, and the step-0
+    gradient enters the trace even though lr(0) = 0.
+    """
+    if callable(learning_rate):
+        schedule = learning_rate
+        apply_learning_rate = optax.scale_by_schedule(lambda count: -schedule(count))
+    else:
+        apply_learning_rate = optax.scale(-learning_rate)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=lars_mask),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
+                     lars_mask),
+        optax.trace(decay=momentum, nesterov=False),
+        apply_learning_rate,
+    )
