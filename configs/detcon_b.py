@@ -40,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     c.optim = ml_collections.ConfigDict(dict(
         base_learning_rate=0.2,  # scaled by batch_size / 256
-        warmup_fraction=0.01,    # warm-up of epochs/100 epochs
+        # 'released': (pretrain_epochs // 100) epochs of steps, as the released config (3,127
+        # steps for 1000 epochs at batch 4096); 'fraction': round(warmup_fraction * total steps).
+        warmup_rule="released",
+        warmup_fraction=0.01,    # used by warmup_rule='fraction' only
         weight_decay=1.5e-6,
         trust_coefficient=1e-3,
         momentum=0.9,

@@ -23,6 +23,11 @@ def learning_rate(step: Union[int, jax.Array], *, base_learning_rate: float, bat
     return jnp.where(step < warmup_steps, warmup, cosine)
 
 
+def released_warmup_steps(pretrain_epochs: int, num_examples: int, batch_size: int) -> int:
+    """Warm-up steps of the released DetCon-B config: (epochs // 100) epochs, floored to steps."""
+    return (pretrain_epochs // 100) * num_examples // batch_size
+
+
 def target_ema(step: Union[int, jax.Array], *, base_ema: float, total_steps: int) -> jax.Array:
     """Scalar float32 EMA decay rising from base_ema at step 0 to 1 at total_steps (cosine)."""
     progress = jnp.minimum(jnp.asarray(step, jnp.float32), float(total_steps)) / total_steps

@@ -106,9 +106,23 @@ def make_update_step(config: ml_collections.ConfigDict, network: hk.TransformedW
     return update_step
 
 
+WARMUP_RULES = ("released", "fraction")
+
+
 def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
-    """Warm-up length in steps: config.optim.warmup_fraction of the run (epochs/100 by default)."""
-    return int(round(config.optim.warmup_fraction * total_steps))
+    """Warm-up length in steps by config.optim.warmup_rule: 'released' or 'fraction' of the run."""
+    rule = config.optim.warmup_rule
+    if rule == "fraction":
+        return int(round(config.optim.warmup_fraction * total_steps))
+    if rule != "released":
+        raise ValueError(f"--config.optim.warmup_rule={rule!r} is unknown; use one of "
+                         f"{', '.join(map(repr, WARMUP_RULES))}.")
+    if config.data.num_train_examples <= 0:
+        raise ValueError("--config.optim.warmup_rule='released' needs --config.data."
+                         "num_train_examples > 0 (the dataset size); set it, or use "
+                         "--config.optim.warmup_rule=fraction.")
+    return optim.released_warmup_steps(config.training.pretrain_epochs,
+                                       config.data.num_train_examples, config.training.batch_size)
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

@@ -169,3 +169,14 @@ def test_learning_rate_without_warmup_starts_at_peak():
 def test_target_ema_schedule(step, expected):
     got = jax.jit(lambda s: optim.target_ema(s, base_ema=0.99, total_steps=1000))(jnp.int32(step))
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("epochs, batch_size, expected", [
+    (1000, 4096, 3127),   # 10 epochs: 12,811,670 // 4096
+    (300, 4096, 938),     # 3 epochs: 3,843,501 // 4096
+    (350, 4096, 938),     # still 3 epochs: the epoch count is floored first
+    (99, 4096, 0),        # under 100 epochs there is no warm-up
+    (1000, 256, 50045),   # 12,811,670 // 256
+])
+def test_released_warmup_steps(epochs, batch_size, expected):
+    assert optim.released_warmup_steps(epochs, 1_281_167, batch_size) == expected

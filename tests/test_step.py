@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import load_config, tiny_config
 from detcon import devices as devices_lib
 from detcon import mock_data
 from detcon import model as model_lib
@@ -114,3 +114,22 @@ def test_step_traced_once(two_devices):
     replicated = devices_lib.replicate(state, devices)
     for t in range(2):  # fresh placement and new data reuse the compiled step
         replicated, _ = p_step(replicated, _batch(config, t, 2))
+
+
+def test_detcon_b_config_warms_up_by_the_released_rule():
+    config = load_config("detcon_b")
+    total = 1000 * 1_281_167 // 4096
+    assert step_lib.warmup_steps(config, total) == 3127  # round(0.01 * total) would be 3128
+    config.training.pretrain_epochs = 350
+    assert step_lib.warmup_steps(config, 350 * 1_281_167 // 4096) == 938
+    config.optim.warmup_rule = "fraction"
+    assert step_lib.warmup_steps(config, 1000) == 10
+    config.optim.warmup_rule = "linear"
+    with pytest.raises(ValueError, match="warmup_rule='linear' is unknown"):
+        step_lib.warmup_steps(config, 1000)
+    config.optim.warmup_rule = "released"
+    config.data.num_train_examples = -1
+    with pytest.raises(ValueError, match="num_train_examples > 0"):
+        step_lib.warmup_steps(config, 1000)
+    # The demo trains 50 epochs, so it keeps a warm-up fraction.
+    assert load_config("demo").optim.warmup_rule == "fraction"
