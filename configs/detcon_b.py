@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         temperature=0.1,
         num_samples=16,          # masks sampled per image and view
-        max_mask_id=256,         # ids >= this are ignored when building grid masks
+        max_mask_id=256,         # ids per view renumbered below this; more segments fold into the last
     ))
     c.data = ml_collections.ConfigDict(dict(
         dataset_directory="",    # TFRecords from scripts/generate_fh_masks.py

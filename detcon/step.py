@@ -43,7 +43,7 @@ def make_update_step(config: ml_collections.ConfigDict, network: hk.TransformedW
     """Returns the per-device update step, to be wrapped in jax.pmap(axis_name=AXIS).
 
     batch: view1/view2 [b, S, S, 3] in [0, 1]; fh_mask1/fh_mask2 [b, S, S] int; label [b] (-1 if
-    none); index [b] global example index.
+    none); index [b] global example index; folded_segments [b] int. Other keys are ignored.
     """
     if config.method != "detcon_b":
         raise ValueError(f"config.method={config.method!r} is not implemented; available: "
@@ -96,7 +96,10 @@ def make_update_step(config: ml_collections.ConfigDict, network: hk.TransformedW
         tau = optim.target_ema(state.step, base_ema=config.optim.base_ema, total_steps=total_steps)
         target_params = jax.tree_util.tree_map(lambda t, o: tau * t + (1.0 - tau) * o,
                                                state.target_params, online_params)
-        metrics = dict(loss=loss, learning_rate=lr_fn(state.step), tau=tau, **aux)
+        # Segments per example merged into the last id on the host (views.reindex_segments).
+        folded = jnp.mean(batch["folded_segments"].astype(jnp.float32))
+        metrics = dict(loss=loss, learning_rate=lr_fn(state.step), tau=tau,
+                       folded_segments=folded, **aux)
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
         new_state = TrainState(online_params, online_state, target_params, target_state,

@@ -121,3 +121,35 @@ def test_centre_view_crops_the_centre_of_the_resized_image():
     assert view.shape == (16, 16, 3) and view.min() >= 0.0 and view.max() <= 1.0
     column_brightness = view.mean(axis=(0, 2))
     assert column_brightness[7:9].min() > 0.9 and column_brightness[:3].max() < 0.05
+
+
+def _first_appearance_ranks(mask: np.ndarray) -> np.ndarray:
+    """NumPy reference: each id replaced by the rank of its first raster appearance."""
+    values, first = np.unique(mask, return_index=True)
+    rank_of = {v: r for r, v in enumerate(values[np.argsort(first)])}
+    return np.vectorize(rank_of.get)(mask)
+
+
+def test_reindex_keeps_the_partition_and_numbers_by_first_appearance():
+    rng = np.random.default_rng(3)
+    mask = rng.choice(np.arange(5000, 5000 + 4000, 13), size=(20, 24)).astype(np.int32)
+    ids, folded = views.reindex_segments(tf.constant(mask), 512)
+    ids = ids.numpy()
+    assert int(folded) == 0 and np.unique(mask).size < 512
+    np.testing.assert_array_equal(ids, _first_appearance_ranks(mask))
+
+
+def test_reindex_folds_segments_beyond_max_mask_id_into_the_last_id():
+    mask = (np.arange(20 * 20).reshape(20, 20) * 7 + 300).astype(np.int32)  # 400 segments
+    ids, folded = views.reindex_segments(tf.constant(mask), 256)
+    ids, ranks = ids.numpy(), _first_appearance_ranks(mask)
+    assert int(folded) == 400 - 256
+    np.testing.assert_array_equal(ids, np.minimum(ranks, 255))
+    assert (ids == 255).sum() == 400 - 255  # the last kept segment plus the 144 folded ones
+
+
+def test_reindex_leaves_negative_ids_unassigned():
+    mask = np.array([[-1, 40, 40], [7, -1, 900]], np.int32)
+    ids, folded = views.reindex_segments(tf.constant(mask), 2)
+    np.testing.assert_array_equal(ids.numpy(), [[-1, 0, 0], [1, -1, 1]])
+    assert int(folded) == 1

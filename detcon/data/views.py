@@ -69,6 +69,29 @@ def crop_flip_resize(
     return view, view_mask
 
 
+def reindex_segments(mask: tf.Tensor, max_mask_id: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns int32 ids `[H, W]` renumbered 0..K-1 by first appearance, and the folded count.
+
+    FH numbers segments in raster order over the whole image, so a crop of a large image can
+    hold ids far above `max_mask_id` that the device would ignore.  Renumbering the segments
+    present in the view keeps every pixel for up to `max_mask_id` segments; beyond that the
+    later segments are merged into id `max_mask_id - 1`, and how many were merged
+    (max(K - max_mask_id, 0)) is returned.  Negative ids (no segment) stay -1.
+    """
+    if max_mask_id < 1:
+        raise ValueError(f"max_mask_id must be >= 1, got {max_mask_id}")
+    flat = tf.reshape(tf.cast(mask, tf.int32), [-1])
+    valid = flat >= 0
+    # tf.unique lists values in order of first appearance; all negatives share one entry.
+    values, position = tf.unique(tf.where(valid, flat, -1))
+    is_segment = values >= 0
+    rank = tf.cumsum(tf.cast(is_segment, tf.int32)) - 1  # order among non-negative ids only
+    renumbered = tf.minimum(tf.gather(rank, position), max_mask_id - 1)
+    ids = tf.reshape(tf.where(valid, renumbered, -1), tf.shape(mask))
+    num_segments = tf.reduce_sum(tf.cast(is_segment, tf.int32))
+    return ids, tf.maximum(num_segments - max_mask_id, 0)
+
+
 def random_view(
     image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
