@@ -38,6 +38,10 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         name="lars",
         base_learning_rate=0.2,  # scaled by batch_size / 256
+        # 'released': (pretrain_epochs // 100) epochs (DetCon-B's config); 'epochs':
+        # warmup_epochs epochs; 'fraction': round(warmup_fraction * total steps).
+        warmup_rule="epochs",
+        warmup_epochs=10,
         warmup_fraction=0.01,
         weight_decay=1.5e-6,
         trust_coefficient=1e-3,

@@ -19,7 +19,7 @@ SETTINGS = dict(
     predictor_hidden_size=4096,
     temperature=0.1,
     num_samples=16,          # masks sampled per image and view
-    max_mask_id=256,         # ids >= this are ignored when building grid masks
+    max_mask_id=256,         # ids per view renumbered below this; more segments fold into the last
     base_ema=0.996,          # target EMA, cosine-ramped to 1
 )
 
@@ -27,5 +27,8 @@ SETTINGS = dict(
 def get_config() -> ml_collections.ConfigDict:
     """Returns the locked DetCon-B ImageNet config."""
     c = base.get_config("detcon_b", SETTINGS)
+    # The released pretrain_common.py warms up for (num_epochs // 100) epochs of steps (10 of
+    # 1000: 3,127 steps at batch 4096); its warmup_epochs key is never read.
+    c.optim.warmup_rule = "released"
     c.lock()
     return c

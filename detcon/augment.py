@@ -61,7 +61,7 @@ class AugmentParams(NamedTuple):
 
     apply_jitter: jax.Array  # bool
     jitter_order: jax.Array  # int32 [4], a permutation of range(len(JITTER_OPS))
-    brightness_factor: jax.Array
+    brightness_delta: jax.Array
     contrast_factor: jax.Array
     saturation_factor: jax.Array
     hue_delta: jax.Array
@@ -98,7 +98,7 @@ def sample_params(key: jax.Array, config: AugmentConfig) -> AugmentParams:
         # Ranks of i.i.d. uniforms form a uniformly random permutation (ties have ~1e-6 chance and
         # still yield a permutation); cheaper than jax.random.permutation's repeated key sorts.
         jitter_order=jnp.argsort(uniforms[9:]).astype(jnp.int32),
-        brightness_factor=around_one(1, config.brightness),
+        brightness_delta=between(1, -config.brightness, config.brightness),
         contrast_factor=around_one(2, config.contrast),
         saturation_factor=around_one(3, config.saturation),
         hue_delta=between(4, -config.hue, config.hue),
@@ -133,9 +133,10 @@ def color_jitter(image: jax.Array, params: AugmentParams, config: AugmentConfig)
     def keep(x: jax.Array, op: jax.Array) -> jax.Array:
         return x
 
-    def scale_brightness(x: jax.Array, op: jax.Array) -> jax.Array:
-        # Multiplicative as in BYOL/torchvision (dm_pix.adjust_brightness is additive).
-        return jnp.clip(x * params.brightness_factor, 0.0, 1.0)
+    def shift_brightness(x: jax.Array, op: jax.Array) -> jax.Array:
+        # Additive, as dm_pix.random_brightness in the DetCon and BYOL releases (torchvision
+        # multiplies instead).
+        return jnp.clip(dm_pix.adjust_brightness(x, params.brightness_delta), 0.0, 1.0)
 
     def scale_contrast(x: jax.Array, op: jax.Array) -> jax.Array:
         # Per-channel spatial mean, as tf.image/BYOL (torchvision uses the grayscale mean).
@@ -153,7 +154,7 @@ def color_jitter(image: jax.Array, params: AugmentParams, config: AugmentConfig)
     # ops bit-exact (an HSV round trip is not) and saves work.
     branch_of_op = jnp.array([branch if strength > 0 else 0
                               for branch, strength in zip((1, 2, 3, 3), strengths)], jnp.int32)
-    branches = (keep, scale_brightness, scale_contrast, saturation_or_hue)
+    branches = (keep, shift_brightness, scale_contrast, saturation_or_hue)
     for step in range(len(JITTER_OPS)):
         op = params.jitter_order[step]
         image = jax.lax.switch(branch_of_op[op], branches, image, op)

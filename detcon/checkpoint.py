@@ -36,9 +36,42 @@ def restore(manager: ocp.CheckpointManager, template: TrainState, step: Optional
     step = manager.latest_step() if step is None else step
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                       jax.tree_util.tree_map(np.asarray, template._asdict()))
+    _check_layout(manager, step, abstract)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return TrainState(**restored["state"]), dict(restored["meta"])
+
+
+def _leaf_paths(tree: Any) -> set[tuple[str, ...]]:
+    """Key paths of a pytree's leaves as strings: ('opt_state', '2', 'trace', 'linear', 'w')."""
+    def name(key: Any) -> str:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(name(k) for k in path) for path, _ in leaves}
+
+
+def _check_layout(manager: ocp.CheckpointManager, step: int, abstract: dict[str, Any]) -> None:
+    """Raises a one-line ValueError when the stored state's layout differs from `abstract`."""
+    location = manager.directory / str(step)  # an etils path, as the handler expects
+    # Read by the handler: the manager knows item types only after it has saved in this process.
+    stored = ocp.StandardCheckpointHandler().metadata(location / "state")
+    stored_paths = _leaf_paths(getattr(stored, "tree", stored))
+    expected_paths = _leaf_paths(abstract)
+    if stored_paths == expected_paths:
+        return
+    differing = sorted({p[0] for p in stored_paths ^ expected_paths})
+    if differing == ["opt_state"]:
+        raise ValueError(
+            f"Checkpoint {location} was written by an older optimiser (its state layout differs "
+            "from the current LARS: learning rate after momentum), so it cannot be resumed; "
+            "start a new --workdir, or export its weights with scripts/export_checkpoint.py.")
+    raise ValueError(
+        f"Checkpoint {location} does not match this config (differing state: "
+        f"{', '.join(differing)}); resume with the config that wrote it or use a new --workdir.")
 
 
 def _step_directory(path: str) -> str:

@@ -18,8 +18,9 @@ def mock_example(seed: int, step: int, index: int, image_size: int, num_classes:
     image += rng.normal(0.0, 0.05, size=image.shape).astype(np.float32)
     np.clip(image, 0.0, 1.0, out=image)
     # The second view is a horizontal flip: masks follow their pixels, as the real pipeline does.
+    # At most num_regions + 1 ids per view, well under max_mask_id: nothing is folded.
     return dict(view1=image, view2=image[:, ::-1].copy(), fh_mask1=ids, fh_mask2=ids[:, ::-1].copy(),
-                label=np.int32(rng.integers(0, num_classes)))
+                folded_segments=np.int32(0), label=np.int32(rng.integers(0, num_classes)))
 
 
 def mock_batch(seed: int, step: int, indices: np.ndarray, image_size: int, num_classes: int

@@ -3,7 +3,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 # depth -> (blocks per group, bottleneck blocks?)
 RESNET_DEPTHS: Mapping[int, tuple[Sequence[int], bool]] = {
@@ -99,7 +98,8 @@ class LinearClassifier(hk.Module):
         self._num_classes = num_classes
 
     def __call__(self, features: jax.Array) -> jax.Array:
-        return hk.Linear(self._num_classes, w_init=jnp.zeros)(jax.lax.stop_gradient(features))
+        # Haiku's default initialiser (truncated normal, std 1/sqrt(C)), as the released classifier.
+        return hk.Linear(self._num_classes)(jax.lax.stop_gradient(features))
 
 
 def torso_fn(depth: int, width_multiplier: int = 1, axis_name: Optional[str] = None

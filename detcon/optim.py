@@ -1,4 +1,4 @@
-"""LARS from optax, the learning-rate and target-EMA schedules of BYOL/DetCon, and the
+"""LARS as an optax chain, the learning-rate and target-EMA schedules of BYOL/DetCon, and the
 optimiser a config asks for."""
 import functools
 from typing import Any, Union
@@ -26,6 +26,11 @@ def learning_rate(step: Union[int, jax.Array], *, base_learning_rate: float, bat
     return jnp.where(step < warmup_steps, warmup, cosine)
 
 
+def released_warmup_steps(pretrain_epochs: int, num_examples: int, batch_size: int) -> int:
+    """Warm-up steps of the released DetCon-B config: (epochs // 100) epochs, floored to steps."""
+    return (pretrain_epochs // 100) * num_examples // batch_size
+
+
 def target_ema(step: Union[int, jax.Array], *, base_ema: float, total_steps: int) -> jax.Array:
     """Scalar float32 EMA decay rising from base_ema at step 0 to 1 at total_steps (cosine)."""
     progress = jnp.minimum(jnp.asarray(step, jnp.float32), float(total_steps)) / total_steps
@@ -45,15 +50,51 @@ def lars_mask(params: Any) -> Any:
 def lars(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1.5e-6,
          trust_coefficient: float = 1e-3, momentum: float = 0.9
          ) -> optax.GradientTransformation:
-    """optax.lars with biases and BatchNorm parameters excluded from decay and trust ratio."""
-    return optax.lars(learning_rate=learning_rate, weight_decay=weight_decay,
-                      weight_decay_mask=lars_mask, trust_coefficient=trust_coefficient,
-                      trust_ratio_mask=lars_mask, momentum=momentum)
+    """LARS of the DetCon/BYOL releases: decay -> trust ratio -> momentum -> times -lr(step).
+
+    Biases and BatchNorm parameters are neither decayed nor trust-ratio scaled (`lars_mask`).
+    Unlike `optax.lars`, the learning rate multiplies the momentum trace rather than feeding it,
+    so a changing rate (warm-up, cosine) rescales the whole trace at once, and the step-0
+    gradient enters the trace even though lr(0) = 0.
+    """
+    if callable(learning_rate):
+        schedule = learning_rate
+        apply_learning_rate = optax.scale_by_schedule(lambda count: -schedule(count))
+    else:
+        apply_learning_rate = optax.scale(-learning_rate)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=lars_mask),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
+                     lars_mask),
+        optax.trace(decay=momentum, nesterov=False),
+        apply_learning_rate,
+    )
+
+
+WARMUP_RULES = ("released", "epochs", "fraction")
 
 
 def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
-    """Warm-up length in steps: config.optim.warmup_fraction of the run."""
-    return int(round(config.optim.warmup_fraction * total_steps))
+    """Warm-up length in steps by config.optim.warmup_rule.
+
+    'released': (pretrain_epochs // 100) epochs, as the released DetCon-B config; 'epochs':
+    warmup_epochs epochs (BYOL, SimCLR: 10); 'fraction': warmup_fraction of the run.
+    """
+    rule = config.optim.warmup_rule
+    if rule == "fraction":
+        return int(round(config.optim.warmup_fraction * total_steps))
+    if rule not in WARMUP_RULES:
+        raise ValueError(f"--config.optim.warmup_rule={rule!r} is unknown; use one of "
+                         f"{', '.join(map(repr, WARMUP_RULES))}.")
+    examples = config.data.num_train_examples
+    if examples <= 0:
+        raise ValueError(f"--config.optim.warmup_rule={rule!r} needs --config.data."
+                         "num_train_examples > 0 (the dataset size); set it, or use "
+                         "--config.optim.warmup_rule=fraction.")
+    batch = config.training.batch_size
+    if rule == "released":
+        return released_warmup_steps(config.training.pretrain_epochs, examples, batch)
+    return int(config.optim.warmup_epochs * examples // batch)
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

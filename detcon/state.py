@@ -30,7 +30,9 @@ def init_state(rng: jax.Array, method: methods_lib.Method, network: hk.Transform
 
     @jax.jit  # one compilation instead of hundreds of eager ops
     def init(rng: jax.Array) -> TrainState:
-        online_rng, target_rng, state_rng = jax.random.split(rng, 3)
+        # The released DetCon-B key discipline: split(rng) -> (init, run); init -> (online, target).
+        init_rng, state_rng = jax.random.split(rng)
+        online_rng, target_rng = jax.random.split(init_rng)
         view = method.dummy_view()
         params, net_state = network.init(online_rng, view, is_training=True)
         target_params, target_state = {}, {}

@@ -4,6 +4,7 @@ from typing import Callable, Mapping
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 import optax
 
 from detcon import devices as devices_lib
@@ -32,8 +33,9 @@ def make_update_step(method: methods_lib.Method, network: hk.TransformedWithStat
                      ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Returns the per-device update step, to be wrapped in jax.pmap(axis_name=AXIS).
 
-    batch: view1/view2 [b, S, S, 3] in [0, 1]; fh_mask1/fh_mask2 [b, S, S] int (methods that
-    need masks); label [b] (-1 if none); index [b] global example index.
+    batch: view1/view2 [b, S, S, 3] in [0, 1]; fh_mask1/fh_mask2 [b, S, S] int and
+    folded_segments [b] int (methods that need masks); label [b] (-1 if none); index [b] global
+    example index. Other keys are ignored.
     """
     per_view = method.keys_per_view
 
@@ -71,6 +73,9 @@ def make_update_step(method: methods_lib.Method, network: hk.TransformedWithStat
         updates, opt_state = optimizer.update(grads, state.opt_state, state.online_params)
         online_params = optax.apply_updates(state.online_params, updates)
         metrics = dict(loss=loss, learning_rate=learning_rate(state.step), **aux)
+        if "folded_segments" in batch:
+            # Segments per example merged into the last id on the host (views.reindex_segments).
+            metrics["folded_segments"] = jnp.mean(batch["folded_segments"].astype(jnp.float32))
 
         target_params = state.target_params
         if method.has_target:

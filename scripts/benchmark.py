@@ -124,6 +124,7 @@ def synthetic_batch(image_size: int, local_devices: int, per_device_batch: int,
     return dict(view1=rng.random(lead + (image_size, image_size, 3), dtype=np.float32),
                 view2=rng.random(lead + (image_size, image_size, 3), dtype=np.float32),
                 fh_mask1=ids, fh_mask2=np.ascontiguousarray(ids[..., ::-1]),
+                folded_segments=np.zeros(lead, np.int32),  # 24 ids per view: none folded
                 label=rng.integers(0, num_classes, lead, dtype=np.int32), index=index)
 
 

@@ -101,13 +101,23 @@ def test_blur_only_with_fixed_sigma_matches_hand_convolution_of_a_delta():
     np.testing.assert_allclose(patch, patch.transpose(1, 0, 2), atol=1e-8)
 
 
-def test_brightness_only_is_exactly_image_times_factor_clipped():
-    keys, images = _keys(16), _random_images(3, 16, 8)
+def test_brightness_only_adds_one_constant_shift_per_image():
+    # Values in [0.4, 0.6] never clip under a shift of at most 0.4: out - image is the delta.
+    keys, images = _keys(32), _random_images(3, 32, 8, low=0.4, high=0.6)
     out, draws = _run(keys, images, _only(brightness=0.4, color_jitter_prob=1.0))
-    factors = draws.brightness_factor
-    assert float(factors.min()) >= 0.6 and float(factors.max()) <= 1.4
-    assert float(factors.max() - factors.min()) > 0.3
-    np.testing.assert_array_equal(out, jnp.clip(images * factors[:, None, None, None], 0.0, 1.0))
+    shift = np.asarray(out, np.float64) - np.asarray(images, np.float64)
+    per_image = shift.reshape(len(shift), -1)
+    np.testing.assert_allclose(per_image, per_image[:, :1] * np.ones_like(per_image), atol=1e-6)
+    np.testing.assert_allclose(per_image[:, 0], draws.brightness_delta, atol=1e-6)
+    deltas = np.asarray(draws.brightness_delta)
+    assert deltas.min() >= -0.4 and deltas.max() <= 0.4
+    assert deltas.min() < -0.2 and deltas.max() > 0.2  # both signs, spread over the range
+    # Over the full range the shifted values clip to [0, 1].
+    keys, images = _keys(16), _random_images(4, 16, 8)
+    out, draws = _run(keys, images, _only(brightness=0.4, color_jitter_prob=1.0))
+    expected = np.clip(np.asarray(images) + np.asarray(draws.brightness_delta)[:, None, None, None],
+                       0.0, 1.0)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
 def test_contrast_only_scales_deviation_about_each_channel_mean():
@@ -137,10 +147,10 @@ def test_saturation_and_hue_only_match_dm_pix(op):
 
 def test_color_jitter_composes_dm_pix_ops_in_the_drawn_order():
     params = augment.sample_params(jax.random.PRNGKey(0), augment.VIEW2)._replace(
-        brightness_factor=jnp.float32(1.4), contrast_factor=jnp.float32(0.6),
+        brightness_delta=jnp.float32(0.4), contrast_factor=jnp.float32(0.6),
         saturation_factor=jnp.float32(0.8), hue_delta=jnp.float32(0.1))
     reference_ops = (
-        lambda x: x * params.brightness_factor,
+        lambda x: x + params.brightness_delta,
         lambda x: dm_pix.adjust_contrast(x, params.contrast_factor),
         lambda x: dm_pix.adjust_saturation(x, params.saturation_factor),
         lambda x: dm_pix.adjust_hue(x, params.hue_delta),
@@ -161,7 +171,7 @@ def test_color_jitter_composes_dm_pix_ops_in_the_drawn_order():
     results = jitter_and_reference(_random_images(6, 1, 8)[0])
     for jittered, reference in results:
         np.testing.assert_allclose(jittered, reference, atol=1e-5)
-    # Brightness x1.4 clips before or after contrast x0.6 pulls values to the mean: must differ.
+    # Brightness +0.4 clips before or after contrast x0.6 pulls values to the mean: must differ.
     assert float(jnp.abs(results[0][0] - results[1][0]).max()) > 0.05
 
 

@@ -56,17 +56,22 @@ def _batches(directory: str, count: int, **kwargs) -> list[dict[str, np.ndarray]
 
 def test_pretrain_batches_have_the_contract_shapes_dtypes_and_ranges(dataset):
     (batch,) = _batches(dataset, 1, local_devices=2, per_device_batch=3)
-    assert set(batch) == {"view1", "view2", "fh_mask1", "fh_mask2", "label"}
+    assert set(batch) == {"view1", "view2", "fh_mask1", "fh_mask2", "folded_segments", "label"}
     for view in ("view1", "view2"):
         assert batch[view].shape == (2, 3, _S, _S, 3) and batch[view].dtype == np.float32
         assert 0.0 <= batch[view].min() and batch[view].max() <= 1.0 and batch[view].std() > 0.05
     for mask in ("fh_mask1", "fh_mask2"):
         assert batch[mask].shape == (2, 3, _S, _S) and batch[mask].dtype == np.int32
     assert batch["label"].shape == (2, 3) and batch["label"].dtype == np.int32
-    # Each view's mask holds ids of its own record only (record i: ids 10 i .. 10 i + 3).
-    owners = batch["label"][..., None, None]
+    # Record i holds ids 10 i .. 10 i + 3; each view renumbers the ones it shows 0..K-1 in
+    # order of first appearance.
     for mask in ("fh_mask1", "fh_mask2"):
-        assert ((batch[mask] // 10) == owners).all()
+        for ids in batch[mask].reshape(-1, _S * _S):
+            values, first = np.unique(ids, return_index=True)
+            assert values.tolist() == list(range(len(values))) and len(values) <= 4
+            assert (np.diff(first) > 0).all()
+    assert batch["folded_segments"].shape == (2, 3) and batch["folded_segments"].dtype == np.int32
+    np.testing.assert_array_equal(batch["folded_segments"], 0)
     assert not np.array_equal(batch["view1"], batch["view2"])  # two different augmentations
 
 
@@ -173,3 +178,49 @@ def test_missing_or_incomplete_datasets_fail_with_the_fix(tmp_path, dataset):
 def test_count_records_reads_headers_only(dataset):
     assert pipeline.num_examples(dataset, "train") == 12
     assert [shards.count_records(p) for p in pipeline.list_shards(dataset, "validation")] == [5]
+
+
+def _write_many_segments(directory: str, height: int, width: int, num_records: int) -> None:
+    """Writes records whose every pixel is its own segment, numbered in raster order."""
+    rng = np.random.default_rng(2)
+    ids = np.arange(height * width, dtype=np.int64).reshape(height, width)
+    with fh_records.atomic_shard(os.path.join(directory, shards.shard_name("train", 0, 1))) as w:
+        for index in range(num_records):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            example = schema.build_example(jpeg=image_codec.encode_jpeg(pixels), height=height,
+                                           width=width, segmentations=ids[None],
+                                           filename=f"{index}.jpg", label=index + 1)
+            w.write(example.SerializeToString())
+
+
+def test_segments_beyond_max_mask_id_keep_every_pixel(tmp_path):
+    # 48 x 64 one-pixel segments: ids up to 3071, and a 32 x 32 view shows up to 1024 of them.
+    _write_many_segments(str(tmp_path), 48, 64, num_records=4)
+    options = dict(image_size=32, local_devices=1, per_device_batch=4, deterministic=True,
+                   shuffle_buffer=4)
+    (batch,) = _batches(str(tmp_path), 1, **options)
+    folded = batch["folded_segments"][0]
+    for mask in ("fh_mask1", "fh_mask2"):
+        ids = batch[mask][0].reshape(4, -1)
+        # Every pixel keeps a usable id: none is >= 256, so the device drops nothing.
+        assert ids.min() >= 0 and ids.max() <= 255
+    for b in range(4):
+        counts = []
+        for mask in ("fh_mask1", "fh_mask2"):
+            ids = batch[mask][0, b].ravel()
+            values, first = np.unique(ids, return_index=True)
+            assert values.tolist() == list(range(len(values)))
+            assert (np.diff(first) > 0).all()  # numbered by first appearance
+            counts.append(len(values))
+        # A view of K > 256 segments keeps 255 of them and folds K - 255 into id 255, whose
+        # pixels then number at least K - 255: one pixel per segment here.
+        pixels_in_last = sum(int((batch[m][0, b] == 255).sum()) for m in ("fh_mask1", "fh_mask2"))
+        assert pixels_in_last >= folded[b] + sum(c == 256 for c in counts)
+    assert folded.max() > 0  # the 32 x 32 views here hold more than 256 segments
+
+    # With no more segments than max_mask_id in a view, nothing folds and ids stay distinct.
+    (small,) = _batches(str(tmp_path), 1, **dict(options, image_size=16))
+    np.testing.assert_array_equal(small["folded_segments"], 0)
+    for mask in ("fh_mask1", "fh_mask2"):
+        for ids in small[mask][0].reshape(4, -1):
+            assert np.unique(ids).size == ids.max() + 1

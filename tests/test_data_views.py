@@ -59,20 +59,59 @@ def test_random_views_keep_mask_aligned_with_content_away_from_boundaries():
     assert flips == {True, False}
 
 
-def test_crop_windows_respect_area_and_aspect_ranges():
-    areas, aspects = [], []
-    for seed in range(200):
-        offset, size = views.random_crop_window(
-            tf.constant([120, 160, 3]), tf.constant([seed, 0], tf.int64)
-        )
-        offset, size = offset.numpy(), size.numpy()
-        assert (offset >= 0).all() and (offset + size <= [120, 160]).all()
-        areas.append(size.prod() / (120 * 160))
-        aspects.append(size[1] / size[0])
-    areas, aspects = np.array(areas), np.array(aspects)
-    assert areas.min() >= 0.07 and areas.max() <= 1.0
-    assert aspects.min() >= 0.7 and aspects.max() <= 1.4  # 3/4..4/3 up to integer rounding
-    assert areas.min() < 0.3 and areas.max() > 0.7  # the range is actually used
+def _crop_windows(height: int, width: int, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns offsets and sizes [num, 2] of random_crop_window over seeds (i, 7)."""
+
+    @tf.function
+    def windows(seeds):
+        def one(seed):
+            return tf.concat(views.random_crop_window(tf.constant([height, width, 3]), seed), 0)
+
+        return tf.map_fn(one, seeds, fn_output_signature=tf.int32)
+
+    seeds = tf.stack([tf.range(num, dtype=tf.int64), tf.fill([num], tf.constant(7, tf.int64))], 1)
+    out = windows(seeds).numpy()
+    return out[:, :2], out[:, 2:]
+
+
+def _released_crop_areas(height: int, width: int, num: int) -> np.ndarray:
+    """Area fractions of the released formula, sampled in NumPy (round half to even, as tf)."""
+    rng = np.random.default_rng(0)
+    area = rng.uniform(0.08, 1.0, num) * height * width
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), num))
+    w = np.minimum(np.round(np.sqrt(area * ratio)), width)
+    h = np.minimum(np.round(np.sqrt(area / ratio)), height)
+    return w * h / (height * width)
+
+
+def test_crop_area_distribution_follows_the_released_formula():
+    height, width, num = 375, 500, 2400
+    offsets, sizes = _crop_windows(height, width, num)
+    assert (offsets >= 0).all() and (offsets + sizes <= [height, width]).all()
+    areas = sizes.prod(axis=1) / (height * width)
+    reference = _released_crop_areas(height, width, 400_000)
+    quantiles = np.linspace(0.05, 0.95, 19)
+    # Standard error of a quantile of 2,400 draws is ~0.01 here.
+    np.testing.assert_allclose(np.quantile(areas, quantiles), np.quantile(reference, quantiles),
+                               atol=0.035)
+    np.testing.assert_allclose(areas.mean(), reference.mean(), atol=0.015)
+    assert 0.50 < reference.mean() < 0.53  # the figure quoted in random_crop_window
+
+    unclamped = (sizes[:, 0] < height) & (sizes[:, 1] < width)
+    aspects = sizes[unclamped, 1] / sizes[unclamped, 0]
+    assert aspects.min() >= 0.74 and aspects.max() <= 1.35  # 3/4..4/3 up to integer rounding
+    # Offsets are uniform over the valid positions: scaled to [0, 1], mean 1/2 and variance 1/12.
+    for axis, side in enumerate((height, width)):
+        room = side - sizes[:, axis]
+        movable = room >= 20
+        scaled = (offsets[movable, axis] + 0.5) / (room[movable] + 1)
+        np.testing.assert_allclose(scaled.mean(), 0.5, atol=0.03)
+        np.testing.assert_allclose(scaled.var(), 1 / 12, atol=0.01)
+
+
+def test_crop_window_of_a_tiny_image_stays_inside_it():
+    offsets, sizes = _crop_windows(2, 3, 64)
+    assert (sizes >= 1).all() and (offsets >= 0).all() and (offsets + sizes <= [2, 3]).all()
 
 
 def test_centre_view_crops_the_centre_of_the_resized_image():
@@ -82,3 +121,35 @@ def test_centre_view_crops_the_centre_of_the_resized_image():
     assert view.shape == (16, 16, 3) and view.min() >= 0.0 and view.max() <= 1.0
     column_brightness = view.mean(axis=(0, 2))
     assert column_brightness[7:9].min() > 0.9 and column_brightness[:3].max() < 0.05
+
+
+def _first_appearance_ranks(mask: np.ndarray) -> np.ndarray:
+    """NumPy reference: each id replaced by the rank of its first raster appearance."""
+    values, first = np.unique(mask, return_index=True)
+    rank_of = {v: r for r, v in enumerate(values[np.argsort(first)])}
+    return np.vectorize(rank_of.get)(mask)
+
+
+def test_reindex_keeps_the_partition_and_numbers_by_first_appearance():
+    rng = np.random.default_rng(3)
+    mask = rng.choice(np.arange(5000, 5000 + 4000, 13), size=(20, 24)).astype(np.int32)
+    ids, folded = views.reindex_segments(tf.constant(mask), 512)
+    ids = ids.numpy()
+    assert int(folded) == 0 and np.unique(mask).size < 512
+    np.testing.assert_array_equal(ids, _first_appearance_ranks(mask))
+
+
+def test_reindex_folds_segments_beyond_max_mask_id_into_the_last_id():
+    mask = (np.arange(20 * 20).reshape(20, 20) * 7 + 300).astype(np.int32)  # 400 segments
+    ids, folded = views.reindex_segments(tf.constant(mask), 256)
+    ids, ranks = ids.numpy(), _first_appearance_ranks(mask)
+    assert int(folded) == 400 - 256
+    np.testing.assert_array_equal(ids, np.minimum(ranks, 255))
+    assert (ids == 255).sum() == 400 - 255  # the last kept segment plus the 144 folded ones
+
+
+def test_reindex_leaves_negative_ids_unassigned():
+    mask = np.array([[-1, 40, 40], [7, -1, 900]], np.int32)
+    ids, folded = views.reindex_segments(tf.constant(mask), 2)
+    np.testing.assert_array_equal(ids.numpy(), [[-1, 0, 0], [1, -1, 1]])
+    assert int(folded) == 1

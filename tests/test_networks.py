@@ -1,4 +1,6 @@
 """ResNet torsos and heads: parameter counts, names, shapes, cross-replica BatchNorm."""
+import math
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -87,3 +89,19 @@ def test_cross_replica_batchnorm_equals_single_device_batch():
     sharded = jax.pmap(lambda x: f.apply(params, state, None, x)[0], axis_name="i",
                        devices=jax.devices()[:8])(images[:, None])
     np.testing.assert_allclose(np.asarray(sharded)[:, 0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_starts_from_haiku_default_truncated_normal():
+    # hk.Linear's default: normal with std 1/sqrt(fan_in), truncated at two standard deviations.
+    fan_in, classes = 512, 100
+    f = hk.transform(lambda x: networks.LinearClassifier(classes)(x))
+    params = f.init(jax.random.PRNGKey(0), jnp.ones((2, fan_in)))["classifier/linear"]
+    np.testing.assert_array_equal(params["b"], 0.0)
+    w = np.asarray(params["w"], np.float64)
+    std = 1.0 / math.sqrt(fan_in)
+    # Variance of a unit normal truncated to [-2, 2]: 1 - 2 * 2 * pdf(2) / (cdf(2) - cdf(-2)).
+    pdf2 = math.exp(-2.0) / math.sqrt(2.0 * math.pi)
+    truncated_std = std * math.sqrt(1.0 - 4.0 * pdf2 / math.erf(2.0 / math.sqrt(2.0)))
+    assert np.abs(w).max() <= 2.0 * std + 1e-7
+    np.testing.assert_allclose(w.std(), truncated_std, rtol=0.02)
+    np.testing.assert_allclose(w.mean(), 0.0, atol=0.05 * std)

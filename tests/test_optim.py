@@ -1,4 +1,5 @@
-"""LARS against a NumPy transcription of its update; lr and EMA schedules at hand-computed steps."""
+"""LARS against a NumPy transcription of the released chain; lr and EMA schedules at hand-computed steps."""
+import functools
 import math
 
 import jax
@@ -24,13 +25,23 @@ def _haiku_params(rng: np.random.Generator) -> dict:
 _ADAPTED = {("conv2_d", "w"), ("linear", "w")}
 
 
-def _lars_reference(params: dict, grads_per_step: list, lr: float, weight_decay: float,
+def _official_learning_rate(step: int, base: float, batch_size: int, total: int,
+                            warmup: int) -> float:
+    """The released learning_schedule in float64: linear warm-up, then 0.5 (1 + cos) decay."""
+    peak = base * batch_size / 256.0
+    if step < warmup:
+        return peak * step / warmup
+    progress = min(step - warmup, total - warmup) / (total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _lars_reference(params: dict, grads_per_step: list, learning_rates: list, weight_decay: float,
                     trust_coefficient: float, momentum: float) -> list:
-    """Updates per step: wd add -> trust ratio -> times -lr -> momentum trace (optax.lars order)."""
+    """Updates per step of the released LARS: wd add -> trust ratio -> momentum -> times -lr."""
     params = {m: {n: np.asarray(v, np.float64) for n, v in d.items()} for m, d in params.items()}
     trace = {(m, n): 0.0 for m, d in params.items() for n in d}
     all_updates = []
-    for grads in grads_per_step:
+    for grads, lr in zip(grads_per_step, learning_rates):
         updates = {}
         for module, leaves in params.items():
             for name, w in leaves.items():
@@ -41,9 +52,8 @@ def _lars_reference(params: dict, grads_per_step: list, lr: float, weight_decay:
                     both_positive = w_norm > 0 and u_norm > 0
                     ratio = trust_coefficient * w_norm / u_norm if both_positive else 1.0
                     u = u * ratio
-                u = -lr * u
                 trace[module, name] = u + momentum * trace[module, name]
-                updates.setdefault(module, {})[name] = trace[module, name]
+                updates.setdefault(module, {})[name] = -lr * trace[module, name]
         for module, leaves in params.items():
             for name in leaves:
                 leaves[name] = leaves[name] + updates[module][name]
@@ -57,16 +67,21 @@ def test_lars_mask_marks_biases_and_batchnorm():
                     "batch_norm": {"scale": False, "offset": False}}
 
 
-def test_lars_matches_numpy_reference_for_several_steps():
+def test_lars_matches_released_chain_through_warmup_and_cosine():
     rng = np.random.default_rng(1)
     params = _haiku_params(rng)
+    num_steps, total, warmup = 12, 14, 4  # steps 0-3 warm up, 4-11 decay
     grads_per_step = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32),
-                                             params) for _ in range(4)]
+                                             params) for _ in range(num_steps)]
     # Large decay and coefficient so both visibly change the adapted leaves.
-    lr, weight_decay, coefficient, momentum = 0.5, 0.1, 0.02, 0.9
-    expected = _lars_reference(params, grads_per_step, lr, weight_decay, coefficient, momentum)
+    base, batch_size, weight_decay, coefficient, momentum = 0.5, 512, 0.1, 0.02, 0.9
+    rates = [_official_learning_rate(t, base, batch_size, total, warmup) for t in range(num_steps)]
+    assert rates[0] == 0.0 and rates[warmup] == max(rates) == 1.0
+    expected = _lars_reference(params, grads_per_step, rates, weight_decay, coefficient, momentum)
 
-    optimizer = optim.lars(lr, weight_decay=weight_decay, trust_coefficient=coefficient,
+    schedule = functools.partial(optim.learning_rate, base_learning_rate=base,
+                                 batch_size=batch_size, total_steps=total, warmup_steps=warmup)
+    optimizer = optim.lars(schedule, weight_decay=weight_decay, trust_coefficient=coefficient,
                            momentum=momentum)
     update_fn = jax.jit(optimizer.update)
     current = jax.tree_util.tree_map(jnp.asarray, params)
@@ -79,14 +94,33 @@ def test_lars_matches_numpy_reference_for_several_steps():
                                            rtol=2e-5, atol=1e-7, err_msg=f"{step} {module}/{name}")
         current = optax.apply_updates(current, updates)
 
-    # Excluded leaves follow plain SGD with momentum: -lr * sum_k momentum^k g_{t-k}.
-    for module, name in [("linear", "b"), ("batch_norm", "scale"), ("batch_norm", "offset")]:
-        g = [np.asarray(grads[module][name], np.float64) for grads in grads_per_step]
-        sgd = -lr * (g[3] + momentum * g[2] + momentum ** 2 * g[1] + momentum ** 3 * g[0])
-        np.testing.assert_allclose(np.asarray(updates[module][name]), sgd, rtol=2e-5)
-    # The zero-initialised Linear w took a full-size first step (trust ratio 1), then small ones.
-    first_step = expected[0]["linear"]["w"]
-    np.testing.assert_allclose(first_step, -lr * grads_per_step[0]["linear"]["w"], rtol=1e-6)
+    # Excluded leaves follow momentum SGD with the rate outside the trace:
+    # -lr(t) * sum_k momentum^k g_{t-k}, so the step-0 gradient still counts at step 1.
+    g = [np.asarray(grads["linear"]["b"], np.float64) for grads in grads_per_step]
+    np.testing.assert_allclose(np.asarray(expected[0]["linear"]["b"]), 0.0)
+    np.testing.assert_allclose(expected[1]["linear"]["b"], -rates[1] * (g[1] + momentum * g[0]),
+                               rtol=1e-12)
+    trace = sum(momentum ** k * g[num_steps - 1 - k] for k in range(num_steps))
+    np.testing.assert_allclose(np.asarray(updates["linear"]["b"]), -rates[-1] * trace, rtol=2e-5)
+    # optax.lars scales before the trace: a different optimiser whenever the rate changes.
+    old = optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=optim.lars_mask,
+                     trust_coefficient=coefficient, trust_ratio_mask=optim.lars_mask,
+                     momentum=momentum)
+    old_state = old.init(params)
+    old_updates, old_state = old.update(grads_per_step[0], old_state, params)
+    old_updates, _ = old.update(grads_per_step[1], old_state, params)
+    assert np.abs(np.asarray(old_updates["linear"]["b"]) - expected[1]["linear"]["b"]).max() > 0.01
+
+
+def test_lars_with_a_constant_rate_scales_the_trace():
+    params = {"linear": {"b": jnp.ones((2,))}}
+    grads = {"linear": {"b": jnp.array([1.0, -2.0])}}
+    optimizer = optim.lars(0.1, momentum=0.5)
+    state = optimizer.init(params)
+    first, state = optimizer.update(grads, state, params)
+    second, _ = optimizer.update(grads, state, params)
+    np.testing.assert_allclose(first["linear"]["b"], [-0.1, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(second["linear"]["b"], [-0.15, 0.3], rtol=1e-6)  # -0.1 (g + 0.5 g)
 
 
 def test_lars_accepts_a_schedule():
@@ -97,8 +131,8 @@ def test_lars_accepts_a_schedule():
     first, state = optimizer.update(grads, state, params)
     second, _ = optimizer.update(grads, state, params)
     np.testing.assert_allclose(first["linear"]["b"], [-0.1, 0.2], rtol=1e-6)
-    # -0.2 g + 0.5 * (-0.1 g) = -0.25 g
-    np.testing.assert_allclose(second["linear"]["b"], [-0.25, 0.5], rtol=1e-6)
+    # -lr(1) * (g + 0.5 g) = -0.2 * 1.5 g = -0.3 g
+    np.testing.assert_allclose(second["linear"]["b"], [-0.3, 0.6], rtol=1e-6)
 
 
 _LR_KWARGS = dict(base_learning_rate=0.2, batch_size=512, total_steps=1000, warmup_steps=100)
@@ -135,3 +169,14 @@ def test_learning_rate_without_warmup_starts_at_peak():
 def test_target_ema_schedule(step, expected):
     got = jax.jit(lambda s: optim.target_ema(s, base_ema=0.99, total_steps=1000))(jnp.int32(step))
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("epochs, batch_size, expected", [
+    (1000, 4096, 3127),   # 10 epochs: 12,811,670 // 4096
+    (300, 4096, 938),     # 3 epochs: 3,843,501 // 4096
+    (350, 4096, 938),     # still 3 epochs: the epoch count is floored first
+    (99, 4096, 0),        # under 100 epochs there is no warm-up
+    (1000, 256, 50045),   # 12,811,670 // 256
+])
+def test_released_warmup_steps(epochs, batch_size, expected):
+    assert optim.released_warmup_steps(epochs, 1_281_167, batch_size) == expected

@@ -96,7 +96,9 @@ def test_bf16_updates_point_the_same_way(runs):
         moves[precision] = np.concatenate([np.ravel(a - b) for a, b in zip(after, before)])
     fp32, bf16 = moves["float32"], moves["bfloat16"]
     cosine = float(fp32 @ bf16 / (np.linalg.norm(fp32) * np.linalg.norm(bf16)))
-    assert cosine > 0.95, cosine
+    # One step of 4 images on ResNet-10: measured 0.88-0.97 over initial states (0.92 here);
+    # unrelated updates of this many parameters would give ~0.
+    assert cosine > 0.85, cosine
 
 
 def test_parameters_optimizer_batchnorm_and_loss_stay_float32(runs):

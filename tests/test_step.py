@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import load_config, tiny_config
 from detcon import devices as devices_lib
 from detcon import experiment as experiment_lib
 from detcon import methods
@@ -149,3 +149,22 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(method):
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
                                    one[2], experiment.init_state(jax.random.PRNGKey(0)).online_state)
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
+
+
+def test_detcon_b_config_warms_up_by_the_released_rule():
+    config = load_config("detcon_b")
+    total = 1000 * 1_281_167 // 4096
+    assert optim.warmup_steps(config, total) == 3127  # round(0.01 * total) would be 3128
+    config.training.pretrain_epochs = 350
+    assert optim.warmup_steps(config, 350 * 1_281_167 // 4096) == 938
+    config.optim.warmup_rule = "fraction"
+    assert optim.warmup_steps(config, 1000) == 10
+    config.optim.warmup_rule = "linear"
+    with pytest.raises(ValueError, match="warmup_rule='linear' is unknown"):
+        optim.warmup_steps(config, 1000)
+    config.optim.warmup_rule = "released"
+    config.data.num_train_examples = -1
+    with pytest.raises(ValueError, match="num_train_examples > 0"):
+        optim.warmup_steps(config, 1000)
+    # The demo trains 50 epochs, so it keeps a warm-up fraction.
+    assert load_config("demo").optim.warmup_rule == "fraction"

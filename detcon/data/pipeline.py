@@ -57,11 +57,18 @@ def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def two_views(
-    example: dict[str, tf.Tensor], image_size: int, fh_mask_index: int, seed: tf.Tensor
+    example: dict[str, tf.Tensor],
+    image_size: int,
+    fh_mask_index: int,
+    seed: tf.Tensor,
+    max_mask_id: int = 256,
 ) -> dict[str, tf.Tensor]:
-    """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`, `label`.
+    """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`,
+    `folded_segments` int32 and `label`.
 
-    The views use independent crops and flips; each mask gets exactly its own view's geometry.
+    The views use independent crops and flips; each mask gets exactly its own view's geometry,
+    then its segments are renumbered 0..K-1 (`views.reindex_segments`); `folded_segments` counts
+    the segments of both views merged into id `max_mask_id - 1` because K > `max_mask_id`.
     """
     fh = example["fh"]
     check = tf.debugging.assert_less(
@@ -75,11 +82,14 @@ def two_views(
     seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     view1, mask1 = views.random_view(example["image"], mask, image_size, seed1)
     view2, mask2 = views.random_view(example["image"], mask, image_size, seed2)
+    mask1, folded1 = views.reindex_segments(mask1, max_mask_id)
+    mask2, folded2 = views.reindex_segments(mask2, max_mask_id)
     return {
         "view1": view1,
         "view2": view2,
         "fh_mask1": mask1,
         "fh_mask2": mask2,
+        "folded_segments": folded1 + folded2,
         "label": example["label"],
     }
 
@@ -137,6 +147,7 @@ def pretrain_batches(
     process_index: int = 0,
     process_count: int = 1,
     fh_mask_index: int = 0,
+    max_mask_id: int = 256,
     seed: int = 0,
     start_step: int = 0,
     deterministic: bool = False,
@@ -146,7 +157,9 @@ def pretrain_batches(
     """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
 
     Keys: `view1`, `view2` float32 `[D, b, S, S, 3]` in [0, 1]; `fh_mask1`, `fh_mask2` int32
-    `[D, b, S, S]` segment ids; `label` int32 `[D, b]` (0-based class, -1 for unlabelled).
+    `[D, b, S, S]` segment ids renumbered per view into [0, max_mask_id); `folded_segments` int32
+    `[D, b]` segments merged into the last id; `label` int32 `[D, b]` (0-based class, -1 for
+    unlabelled).
 
     The shuffle buffer holds `shuffle_buffer` raw records (JPEG + mask bytes, ~300 KB each for
     ImageNet), so the default 10_000 needs ~3 GB of host memory per process.
@@ -192,7 +205,7 @@ def pretrain_batches(
 
     def make_pair(epoch: tf.Tensor, position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         key = tf.stack([tf.constant(stream_seed, tf.int64), epoch * (2**40) + position])
-        return two_views(decode_example(record), image_size, fh_mask_index, key)
+        return two_views(decode_example(record), image_size, fh_mask_index, key, max_mask_id)
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     dataset = (

@@ -5,6 +5,8 @@ cropped with the same window and flipped with the same coin as the image, and re
 neighbour so it keeps integer segment ids; both resizes use half-pixel centres, so they line up.
 """
 
+import math
+
 import tensorflow as tf
 
 CROP_AREA_RANGE = (0.08, 1.0)
@@ -19,20 +21,32 @@ def _resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (offset [y, x], size [h, w]) of a random crop: area 8-100%, aspect 3/4-4/3."""
-    whole_image = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        image_shape,
-        bounding_boxes=whole_image,
-        seed=seed,
-        min_object_covered=0.0,
-        aspect_ratio_range=CROP_ASPECT_RANGE,
-        area_range=CROP_AREA_RANGE,
-        max_attempts=10,
-        use_image_if_no_bounding_boxes=True,
+    """Returns int32 (offset [y, x], size [h, w]) of a random crop: the released DetCon formula.
+
+    Target area U(0.08, 1) of the image, aspect ratio w/h log-uniform in [3/4, 4/3], sides rounded
+    and clamped to the image, offsets uniform over the valid positions.  Unlike
+    tf.image.sample_distorted_bounding_box it never rejects a draw, so large crops keep their
+    share (mean area 52% on a 500 x 375 image, against 36% for the rejection sampler).
+    """
+    height, width = image_shape[0], image_shape[1]
+    area_seed, ratio_seed, y_seed, x_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=4)
     )
-    # After 10 failed attempts (extreme aspect ratios) the op returns the whole image.
-    return begin[:2], size[:2]
+    area = tf.cast(height * width, tf.float32) * tf.random.stateless_uniform(
+        [], area_seed, *CROP_AREA_RANGE
+    )
+    log_low, log_high = (math.log(r) for r in CROP_ASPECT_RANGE)
+    ratio = tf.exp(tf.random.stateless_uniform([], ratio_seed, log_low, log_high))
+    # At least one pixel: the released code can give 0 on images under ~4 pixels a side.
+    crop_width = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32), 1, width)
+    crop_height = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32), 1, height)
+    top = tf.random.stateless_uniform(
+        [], y_seed, minval=0, maxval=height - crop_height + 1, dtype=tf.int32
+    )
+    left = tf.random.stateless_uniform(
+        [], x_seed, minval=0, maxval=width - crop_width + 1, dtype=tf.int32
+    )
+    return tf.stack([top, left]), tf.stack([crop_height, crop_width])
 
 
 def crop_flip_resize(
@@ -53,6 +67,29 @@ def crop_flip_resize(
         mask[..., None], [image_size, image_size], method=tf.image.ResizeMethod.NEAREST_NEIGHBOR
     )[..., 0]
     return view, view_mask
+
+
+def reindex_segments(mask: tf.Tensor, max_mask_id: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns int32 ids `[H, W]` renumbered 0..K-1 by first appearance, and the folded count.
+
+    FH numbers segments in raster order over the whole image, so a crop of a large image can
+    hold ids far above `max_mask_id` that the device would ignore.  Renumbering the segments
+    present in the view keeps every pixel for up to `max_mask_id` segments; beyond that the
+    later segments are merged into id `max_mask_id - 1`, and how many were merged
+    (max(K - max_mask_id, 0)) is returned.  Negative ids (no segment) stay -1.
+    """
+    if max_mask_id < 1:
+        raise ValueError(f"max_mask_id must be >= 1, got {max_mask_id}")
+    flat = tf.reshape(tf.cast(mask, tf.int32), [-1])
+    valid = flat >= 0
+    # tf.unique lists values in order of first appearance; all negatives share one entry.
+    values, position = tf.unique(tf.where(valid, flat, -1))
+    is_segment = values >= 0
+    rank = tf.cumsum(tf.cast(is_segment, tf.int32)) - 1  # order among non-negative ids only
+    renumbered = tf.minimum(tf.gather(rank, position), max_mask_id - 1)
+    ids = tf.reshape(tf.where(valid, renumbered, -1), tf.shape(mask))
+    num_segments = tf.reduce_sum(tf.cast(is_segment, tf.int32))
+    return ids, tf.maximum(num_segments - max_mask_id, 0)
 
 
 def random_view(
