@@ -51,3 +51,13 @@ def test_logistic_regression_matches_closed_form_optimum_gradient():
 def test_too_few_examples_is_refused():
     with pytest.raises(ValueError, match="two labelled"):
         linear.linear_probe(np.zeros((1, 3)), np.zeros(1, int), np.zeros((1, 3)), np.zeros(1, int), 2)
+
+
+def test_zero_weight_examples_do_not_count():
+    """Fitting with 0/1 weights equals fitting on the weighted subset alone."""
+    x, y = _blobs(20, 3, 4, spread=1.0, seed=5)
+    (xs,) = linear.standardise(x)
+    weights = (np.arange(len(y)) % 3 != 0).astype(np.float32)
+    weighted = linear.fit_logistic_regression(xs, y, np.float32(0.1), 3, weights)
+    subset = linear.fit_logistic_regression(xs[weights > 0], y[weights > 0], np.float32(0.1), 3)
+    np.testing.assert_allclose(weighted["w"], subset["w"], atol=1e-3)

@@ -40,14 +40,30 @@ def from_network(params: dict, state: dict, model_config: Any) -> FrozenTorso:
     return FrozenTorso(depth, width, torso_params, _torso_subtree(state, depth))
 
 
+def _unit_variance_statistics(state: dict) -> dict:
+    """BatchNorm moving variances set to 1 (means stay 0): PyTorch's initial running statistics.
+
+    Haiku's moving averages start at 0, so an untouched network in inference mode would divide by
+    sqrt(eps) in every BatchNorm (x316 per layer) and overflow; with variance 1 the random
+    baseline's BatchNorms are the identity, as in a freshly built torchvision ResNet.
+    """
+    out = {}
+    for module, leaves in state.items():
+        is_variance = module.endswith("var_ema")
+        out[module] = {name: (np.ones_like(value) if is_variance and name in ("average", "hidden")
+                              else value) for name, value in leaves.items()}
+    return out
+
+
 def random_init(depth: int, width_multiplier: int, seed: int, image_size: int = 64
                 ) -> FrozenTorso:
-    """A freshly initialised torso (the untrained baseline), BatchNorm statistics at init."""
+    """A freshly initialised torso (the untrained baseline) with unit BatchNorm statistics."""
     transformed = networks.torso_fn(depth, width_multiplier)
     params, state = transformed.init(jax.random.PRNGKey(seed),
                                      jnp.zeros((1, image_size, image_size, 3)), is_training=True)
     to_host = lambda tree: jax.tree_util.tree_map(np.asarray, hk.data_structures.to_mutable_dict(tree))
-    return FrozenTorso(depth, width_multiplier, to_host(params), to_host(state))
+    return FrozenTorso(depth, width_multiplier, to_host(params),
+                       _unit_variance_statistics(to_host(state)))
 
 
 def make_feature_map_fn(torso: FrozenTorso) -> Callable[[Any, Any, jax.Array], jax.Array]:

@@ -18,20 +18,27 @@ DEFAULT_L2_WEIGHTS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0
 HELD_OUT_FRACTION = 0.2
 
 
-def _objective(params: dict, features: jax.Array, labels: jax.Array, l2_weight: jax.Array
-               ) -> jax.Array:
-    """Mean cross-entropy of softmax(features @ w + b) plus l2_weight/2 * ||w||^2."""
+def _objective(params: dict, features: jax.Array, labels: jax.Array, weights: jax.Array,
+               l2_weight: jax.Array) -> jax.Array:
+    """Weighted mean cross-entropy of softmax(features @ w + b) plus l2_weight/2 * ||w||^2."""
     logits = features @ params["w"] + params["b"]
-    data = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    data = jnp.sum(weights * losses) / jnp.sum(weights)
     return data + 0.5 * l2_weight * jnp.sum(jnp.square(params["w"]))
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iterations"))
 def fit_logistic_regression(features: jax.Array, labels: jax.Array, l2_weight: jax.Array,
-                            num_classes: int, max_iterations: int = 500) -> dict:
-    """L-BFGS fit of {w [D, K], b [K]} on standardised features [N, D], labels [N]."""
+                            num_classes: int, weights: jax.Array | None = None,
+                            max_iterations: int = 500) -> dict:
+    """L-BFGS fit of {w [D, K], b [K]} on standardised features [N, D], labels [N].
+
+    weights [N] (default ones) select examples; 0/1 weights fit a subset with the same shapes,
+    so the held-out sweep and the final fit share one compilation.
+    """
+    weights = jnp.ones(labels.shape, jnp.float32) if weights is None else weights
     objective = functools.partial(_objective, features=features, labels=labels,
-                                  l2_weight=l2_weight)
+                                  weights=weights, l2_weight=l2_weight)
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(objective)
     params = {"w": jnp.zeros((features.shape[1], num_classes), jnp.float32),
@@ -76,15 +83,18 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_feat
     train, evaluation = standardise(train_features, eval_features)
     order = np.random.default_rng(seed).permutation(len(train))
     held = max(1, int(round(HELD_OUT_FRACTION * len(train))))
-    fit_index, held_index = order[held:], order[:held]
+    held_index = order[:held]
+    fit_weights = np.ones(len(train), np.float32)
+    fit_weights[held_index] = 0.0
     sweep = {}
     for l2 in l2_weights:
-        params = fit_logistic_regression(train[fit_index], train_labels[fit_index],
-                                         jnp.float32(l2), num_classes)
+        params = fit_logistic_regression(train, train_labels, jnp.float32(l2), num_classes,
+                                         jnp.asarray(fit_weights))
         sweep[l2] = knn.top_k_accuracy(predict_scores(params, train[held_index]),
                                        train_labels[held_index])
     best = max(l2_weights, key=lambda l2: (sweep[l2], l2))  # ties: the stronger regulariser
-    params = fit_logistic_regression(train, train_labels, jnp.float32(best), num_classes)
+    params = fit_logistic_regression(train, train_labels, jnp.float32(best), num_classes,
+                                     jnp.ones(len(train), jnp.float32))
     scores = predict_scores(params, evaluation)
     result = {"top1": knn.top_k_accuracy(scores, eval_labels, 1), "l2_weight": best,
               "held_out_top1": {str(k): v for k, v in sweep.items()}}
