@@ -59,5 +59,13 @@ def get_config() -> ml_collections.ConfigDict:
         init_checkpoint="",      # DeepMind .npy torso weights to start from (needs allow_pickle)
         allow_pickle=False,
     ))
+    c.evaluation = ml_collections.ConfigDict(dict(
+        every_steps=0,           # > 0: kNN top-1 on a validation split every N steps (off here:
+                                 # a 1.28 M-image bank per evaluation is too slow for monitoring)
+        dataset_directory="",    # labelled train/validation TFRecords; "" = the training data
+        batch_size=256,
+        knn_k=20,
+        knn_temperature=0.07,
+    ))
     c.lock()
     return c

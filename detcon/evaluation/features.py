@@ -83,13 +83,18 @@ def pooled(fmap: jax.Array) -> jax.Array:
 
 
 class Extractor:
-    """A pmapped frozen forward with its weights placed once on the local devices."""
+    """A pmapped frozen forward, compiled once; weights are placed on the local devices by
+    `load` (again for each new checkpoint, without recompiling)."""
 
     def __init__(self, torso: FrozenTorso, reduce: Optional[Callable] = pooled):
         self._devices = jax.local_devices()
         feature_map = make_feature_map_fn(torso)
         self._forward = jax.pmap(lambda p, s, x: (reduce or (lambda f: f))(feature_map(p, s, x)),
                                  axis_name=devices_lib.AXIS)
+        self.load(torso)
+
+    def load(self, torso: FrozenTorso) -> None:
+        """Places a torso's weights (same architecture) on the devices for the next calls."""
         self._params = devices_lib.replicate(torso.params, self._devices)
         self._state = devices_lib.replicate(torso.state, self._devices)
 

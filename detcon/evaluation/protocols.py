@@ -1,4 +1,7 @@
-"""The three probes end to end: data -> frozen features -> probe -> metrics and settings."""
+"""The three probes end to end: data -> frozen features -> probe -> metrics and settings.
+
+Evaluation is single-process: one host reads whole splits and maps the forward over its devices.
+"""
 import dataclasses
 import math
 from typing import Any
@@ -48,7 +51,7 @@ def labelled_features(extractor: features_lib.Extractor, options: Options, train
     split = datasets.split_name(options.source, train)
     batches, count = datasets.eval_batches(
         options.source, split, options.image_size, extractor.num_devices,
-        per_device_batch(options.batch_size), jax.process_index(), jax.process_count())
+        per_device_batch(options.batch_size))
     feats, labels = features_lib.extract(extractor, batches, count, description=f"{split} features")
     if len(labels) == 0:
         raise ValueError(f"{options.source.describe()}: the {split!r} split has no labelled "
@@ -92,11 +95,10 @@ def run_linear(extractor: features_lib.Extractor, torso: features_lib.FrozenTors
         split = datasets.split_name(options.source, train=True)
         num_train = datasets.num_examples(options.source, split)
         per_device = per_device_batch(options.batch_size)
-        global_batch = per_device * jax.device_count()
+        global_batch = per_device * jax.local_device_count()
         steps = max(1, options.linear_epochs * num_train // global_batch)
         batches = datasets.augmented_train_batches(
-            options.source, options.image_size, extractor.num_devices, per_device, options.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            options.source, options.image_size, extractor.num_devices, per_device, options.seed)
         classes = max(_num_classes(eval_y), datasets.num_classes(options.source))
         head, loss = linear_augmented.train(torso, batches, classes, eval_x.shape[1],
                                             global_batch, steps)
