@@ -32,7 +32,8 @@ flags.DEFINE_string("segmentation_directory", None,
 flags.DEFINE_string("tfds_name", None, "TFDS dataset for knn/linear (imagenet2012, cifar10, ...).")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir; the dataset must already be there.")
 flags.DEFINE_string("tfds_train_split", "train", "TFDS split to fit on.")
-flags.DEFINE_string("tfds_eval_split", "", "TFDS split to report on (default validation, else test).")
+flags.DEFINE_string("tfds_eval_split", "",
+                    "TFDS split to report on (default validation, else test).")
 flags.DEFINE_string("output", None, "Results JSON path (written atomically).")
 flags.DEFINE_integer("image_size", 0, "Centre-crop size for knn/linear (0: the pretraining size).")
 flags.DEFINE_integer("batch_size", 256, "Global batch for feature extraction and linear training.")

@@ -50,7 +50,8 @@ def test_logistic_regression_matches_closed_form_optimum_gradient():
 
 def test_too_few_examples_is_refused():
     with pytest.raises(ValueError, match="two labelled"):
-        linear.linear_probe(np.zeros((1, 3)), np.zeros(1, int), np.zeros((1, 3)), np.zeros(1, int), 2)
+        linear.linear_probe(np.zeros((1, 3)), np.zeros(1, int), np.zeros((1, 3)),
+                            np.zeros(1, int), 2)
 
 
 def test_zero_weight_examples_do_not_count():

@@ -61,7 +61,8 @@ def random_init(depth: int, width_multiplier: int, seed: int, image_size: int = 
     transformed = networks.torso_fn(depth, width_multiplier)
     params, state = transformed.init(jax.random.PRNGKey(seed),
                                      jnp.zeros((1, image_size, image_size, 3)), is_training=True)
-    to_host = lambda tree: jax.tree_util.tree_map(np.asarray, hk.data_structures.to_mutable_dict(tree))
+    to_host = lambda tree: jax.tree_util.tree_map(np.asarray,
+                                                  hk.data_structures.to_mutable_dict(tree))
     return FrozenTorso(depth, width_multiplier, to_host(params),
                        _unit_variance_statistics(to_host(state)))
 
@@ -110,7 +111,8 @@ class Extractor:
 
 
 def extract(extractor: Extractor, batches: Iterable[dict[str, np.ndarray]],
-            total: Optional[int] = None, description: str = "features", keep_unlabelled: bool = False
+            total: Optional[int] = None, description: str = "features",
+            keep_unlabelled: bool = False
             ) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, ...], labels [N]) over `batches` of {image [D, b, ...], label [D, b]}.
 
@@ -130,7 +132,7 @@ def extract(extractor: Extractor, batches: Iterable[dict[str, np.ndarray]],
 
 def device_batches(images: np.ndarray, labels: np.ndarray, num_devices: int, per_device: int
                    ) -> Iterator[dict[str, np.ndarray]]:
-    """Arrays [N, ...] (uint8 or [0, 1] floats) as batches {image [D, b, ...] float, label [D, b]}; pad label -1."""
+    """Arrays [N, ...] (uint8 or [0, 1]) as float batches {image [D, b, ...], label [D, b]}."""
     step = num_devices * per_device
     for start in range(0, len(images), step):
         chunk, chunk_labels = images[start:start + step], labels[start:start + step]

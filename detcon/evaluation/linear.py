@@ -2,7 +2,8 @@
 
 Features are standardised with the training set's statistics, each L2 weight of the sweep is fitted
 to convergence with full-batch L-BFGS on 80 % of train and scored on the held-out 20 %, and the best
-weight is refitted on all of train (the protocol of SimCLR's and solo-learn's small-set linear eval).
+weight is refitted on all of train (the transfer linear evaluation of SimCLR and of Kornblith et
+al., 'Do Better ImageNet Models Transfer Better?').
 """
 import functools
 from typing import Any, Sequence

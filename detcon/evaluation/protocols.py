@@ -55,7 +55,8 @@ def labelled_features(extractor: features_lib.Extractor, options: Options, train
     feats, labels = features_lib.extract(extractor, batches, count, description=f"{split} features")
     if len(labels) == 0:
         raise ValueError(f"{options.source.describe()}: the {split!r} split has no labelled "
-                         "examples (labels 1..N in our TFRecords); kNN and linear probes need them.")
+                         "examples (labels 1..N in our TFRecords); kNN and linear probes need "
+                         "them.")
     return feats, labels
 
 

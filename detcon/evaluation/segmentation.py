@@ -40,7 +40,7 @@ def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: i
 
 
 def iou_metrics(confusion: np.ndarray) -> dict[str, Any]:
-    """mIoU (over classes with a non-empty union), per-class IoU (None: empty union), pixel accuracy."""
+    """mIoU over classes with a non-empty union, per-class IoU (None: empty), pixel accuracy."""
     confusion = np.asarray(confusion, np.float64)
     intersection = np.diag(confusion)
     union = confusion.sum(0) + confusion.sum(1) - intersection
@@ -80,7 +80,7 @@ def _minibatches(num: int, batch_size: int, rng: np.random.Generator) -> Iterato
 def train_head(feature_maps: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int,
                batch_size: int, learning_rate: float, weight_decay: float = 1e-4, seed: int = 0
                ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Trains the head on maps [N, h, w, C], labels [N, H, W] (AdamW, cosine); (head, shift, scale)."""
+    """(head, shift, scale) trained on maps [N, h, w, C], labels [N, H, W] (AdamW, cosine)."""
     num, _, _, channels = feature_maps.shape
     height, width = labels.shape[1:]
     shift, scale = standardisation(feature_maps)
