@@ -61,4 +61,12 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
         allow_pickle=False,
         compilation_cache=True,  # JAX's persistent cache in $DETCON_CACHE_DIR or ~/.cache/detcon/jax
     ))
+    c.evaluation = ml_collections.ConfigDict(dict(
+        every_steps=0,           # > 0: kNN top-1 on a validation split every N steps (off here:
+                                 # a 1.28 M-image bank per evaluation is too slow for monitoring)
+        dataset_directory="",    # labelled train/validation TFRecords; "" = the training data
+        batch_size=256,
+        knn_k=20,
+        knn_temperature=0.07,
+    ))
     return c

@@ -156,6 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                else real_batches(config, directory, start, local_devices, per_device))
     batches = _prefetch_to_devices(batches, devices)
 
+    monitor = _knn_monitor(config, directory)
     logger = _StepLogger(config, steps, writer, is_chief, start,
                          experiment.method.console_metrics)
     try:
@@ -171,10 +172,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 checkpoint_lib.save(manager, devices_lib.unreplicate(replicated), meta)
             else:
                 pending = (done, metrics)
+            if monitor is not None and done % config.evaluation.every_steps == 0:
+                online = devices_lib.unreplicate((replicated.online_params,
+                                                  replicated.online_state))
+                _log_monitor(done, monitor(*online), writer, is_chief)
     finally:
         writer.close()
         manager.close()
     return logger.last
+
+
+def _knn_monitor(config: ml_collections.ConfigDict, directory: Optional[str]) -> Optional[Any]:
+    """The kNN monitor when config.evaluation.every_steps > 0 (checked before the first step)."""
+    if config.evaluation.every_steps <= 0:
+        return None
+    if jax.process_count() > 1:
+        raise ValueError("config.evaluation.every_steps > 0 runs on single-process runs only; on "
+                         "multi-host runs evaluate checkpoints with `python -m detcon.evaluate`.")
+    from detcon.evaluation import monitor  # reads TFRecords: TensorFlow stays out of the step
+    return monitor.make_knn_monitor(config, directory)
+
+
+def _log_monitor(step: int, metrics: dict[str, float], writer: metrics_lib.MetricsWriter,
+                 is_chief: bool) -> None:
+    """Logs the monitor's metrics to the console, metrics.jsonl and TensorBoard."""
+    if is_chief:
+        logging.info("step %d knn_top1 %.4f", step, metrics["knn_top1"])
+    writer.write(step, metrics)
 
 
 class _StepLogger:

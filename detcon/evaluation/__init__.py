@@ -1,0 +1,1 @@
+"""Offline evaluation of frozen torsos: kNN, linear and dense segmentation probes."""

@@ -1,0 +1,153 @@
+"""python -m detcon.evaluate in-process on ResNet-10: every protocol on a random-init torso, a real
+checkpoint, TFDS mock data, and flag errors before any work."""
+import json
+import sys
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from conftest import REPO, tiny_config
+from eval_fixtures import write_tfrecords, write_voc
+from detcon import evaluate
+from detcon.evaluation import datasets, features, protocols
+
+FLAGS = flags.FLAGS
+CONFIG = str(REPO / "configs" / "demo.py")
+SMALL = ["--config.model.depth=10", "--image_size=32", "--batch_size=16"]
+
+
+def _main(argv: list[str]) -> None:
+    """Parses argv as the command line and runs evaluate.main, restoring the flags after."""
+    # config_flags defines the --config.* overrides from sys.argv when --config is parsed.
+    with flagsaver.flagsaver(), mock.patch.object(sys, "argv", ["evaluate"] + argv):
+        FLAGS.unparse_flags()
+        FLAGS(["evaluate"] + argv)
+        evaluate.main(["evaluate"])
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("records"))
+    write_tfrecords(directory, {"train": 8, "validation": 4}, num_classes=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("voc"))
+    write_voc(root, num_train=4, num_val=3)
+    return root
+
+
+def test_random_init_runs_every_protocol(records, voc_root, tmp_path, capsys):
+    output = str(tmp_path / "r.json")
+    _main(["--random_init", f"--config={CONFIG}", "--protocol=knn,linear,segmentation",
+           f"--dataset_directory={records}", f"--segmentation_directory={voc_root}",
+           "--seg_image_size=64", "--seg_epochs=2", "--seg_batch_size=4", f"--output={output}"]
+          + SMALL)
+    result = json.load(open(output))
+    assert result["random_init"] and result["model"] == {"depth": 10, "width_multiplier": 1}
+    for name in ("knn", "linear"):
+        assert 0.0 <= result[name]["top1"] <= 1.0
+        assert result[name]["num_eval"] == 12 and result[name]["num_classes"] == 3
+    assert result["knn"]["k"] == 20 and result["knn"]["temperature"] == 0.07
+    assert result["linear"]["mode"] == "features"
+    seg = result["segmentation"]
+    assert seg["num_classes"] == 3 and len(seg["per_class_iou"]) == 3
+    assert 0.0 <= seg["miou"] <= 1.0 and 0.0 <= seg["pixel_accuracy"] <= 1.0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("knn top1 ") and "segmentation mIoU" in line and output in line
+
+
+def test_colour_classes_are_found_by_knn_on_random_features(records):
+    """Classes differ by dominant colour: even a random torso's features separate them."""
+    torso = features.random_init(10, 1, seed=0)
+    options = protocols.Options(source=datasets.Source(directory=records), image_size=32,
+                                batch_size=16)
+    result = protocols.run_knn(features.Extractor(torso), options)
+    assert result["top1"] >= 0.9 and result["num_train"] == 24
+
+
+def test_augmented_linear_mode(records):
+    torso = features.random_init(10, 1, seed=0)
+    options = protocols.Options(source=datasets.Source(directory=records), image_size=32,
+                                batch_size=16, linear_mode="augmented", linear_epochs=2)
+    result = protocols.run_linear(features.Extractor(torso), torso, options)
+    assert result["mode"] == "augmented" and result["steps"] == 2 * 24 // 16
+    assert result["batch_size"] == 16 and result["learning_rate"] == pytest.approx(0.2 * 16 / 256)
+    assert np.isfinite(result["final_train_loss"]) and 0.0 <= result["top1"] <= 1.0
+
+
+def test_augmented_step_leaves_torso_frozen():
+    """Only the head changes; gradients never reach the torso (inference mode, stop-gradient)."""
+    torso = features.random_init(10, 1, seed=0)
+    fmap = features.make_feature_map_fn(torso)
+    images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    grads = jax.grad(lambda p: features.pooled(fmap(p, torso.state, images)).sum())(torso.params)
+    assert all(float(abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads))
+
+
+@pytest.mark.slow  # trains one DetCon-B step on 8 devices first
+def test_checkpoint_torso_matches_training_network(tmp_path, records):
+    """The evaluated torso of a trained checkpoint gives the training network's pooled features."""
+    from detcon import checkpoint as checkpoint_lib, model as model_lib, train, augment, masks
+    config = tiny_config(batch_size=8, image_size=32)
+    config.training.max_steps = 1
+    train.run(config, str(tmp_path))
+    params, state, config_dict = checkpoint_lib.load_network(str(tmp_path), "online")
+    torso = features.from_network(params, state, config_dict["model"])
+    assert all(k.startswith("res_net10") for k in torso.params)
+    images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3)))
+    got = features.Extractor(torso)(images.reshape(8, 1, 32, 32, 3))
+    network = model_lib.make_network(config.model, None)
+    masks_in = np.ones((8, 1, 1), np.float32)
+    outputs, _ = network.apply(params, state, None, augment.normalize(images), masks_in,
+                               np.zeros((8, 1), np.int32), is_training=False)
+    np.testing.assert_allclose(got, np.asarray(outputs.features), rtol=1e-4, atol=1e-5)
+
+    output = str(tmp_path / "ckpt.json")
+    _main([f"--checkpoint={tmp_path}", "--network=target", "--protocol=knn",
+           f"--dataset_directory={records}", f"--output={output}", "--image_size=32"])
+    result = json.load(open(output))
+    assert result["network"] == "target" and result["method"] == "detcon_b"
+    assert 0.0 <= result["knn"]["top1"] <= 1.0
+
+
+def test_tfds_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+    output = str(tmp_path / "tfds.json")
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        source = datasets.Source(tfds_name="cifar10", tfds_data_dir=str(tmp_path / "none"))
+        assert datasets.split_name(source, train=False) == "test"
+        assert datasets.num_classes(source) == 10
+        batches, count = datasets.eval_batches(source, "test", 32, local_devices=8, per_device=2)
+        batches = list(batches)
+        assert count == len(batches) == 2 and batches[0]["image"].shape == (8, 2, 32, 32, 3)
+        assert (np.concatenate([b["label"].ravel() for b in batches]) >= 0).sum() == 20
+        _main(["--random_init", f"--config={CONFIG}", "--protocol=knn,linear",
+               "--tfds_name=cifar10", f"--tfds_data_dir={tmp_path / 'none'}",
+               f"--output={output}"] + SMALL)
+    result = json.load(open(output))
+    assert result["knn"]["num_train"] == 20 and result["knn"]["num_eval"] == 20
+    assert "top5" in result["knn"] and "top5" in result["linear"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--protocol=knn", "--output=x.json", "--dataset_directory=d"], "exactly one of"),
+    (["--random_init", "--protocol=knn", "--output=x.json", "--dataset_directory=d"],
+     "needs --config"),
+    (["--random_init", f"--config={CONFIG}", "--protocol=knn,depth", "--output=x.json",
+      "--dataset_directory=d"], "choose from"),
+    (["--random_init", f"--config={CONFIG}", "--protocol=knn", "--output=x.json"],
+     "--dataset_directory"),
+    (["--random_init", f"--config={CONFIG}", "--protocol=segmentation", "--output=x.json",
+      "--dataset_directory=d", "--seg_image_size=100"], "multiple of 32"),
+])
+def test_bad_flags_fail_early(argv, message):
+    from absl import app
+    with pytest.raises(app.UsageError, match=message):
+        _main(argv)
