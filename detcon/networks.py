@@ -3,6 +3,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 
 # depth -> (blocks per group, bottleneck blocks?)
 RESNET_DEPTHS: Mapping[int, tuple[Sequence[int], bool]] = {
