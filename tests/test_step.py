@@ -138,7 +138,11 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(method):
         results[one_pass] = (loss, grads, net_state, new_state, metrics)
     two, one = results[False], results[True]
     np.testing.assert_allclose(one[0], two[0], rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(one[1], two[1], rtol=1e-5, atol=1e-5)
+    # Gradients to 1e-5 of each leaf's scale: the per-view statistics are summed in another
+    # order, and SimCLR's temperature 0.1 makes some gradients O(1).
+    for a, b in zip(*(jax.tree_util.tree_leaves_with_path(g) for g in (one[1], two[1]))):
+        scale = max(float(np.abs(b[1]).max()), 1.0)
+        assert float(np.abs(a[1] - b[1]).max()) <= 1e-5 * scale, jax.tree_util.keystr(a[0])
     chex.assert_trees_all_close(one[2], two[2], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(one[3].online_state, two[3].online_state, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(one[3].target_state, two[3].target_state, rtol=1e-5, atol=1e-6)
