@@ -27,10 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.projector_hidden_size = 512
     c.model.projector_output_size = 128
     c.model.predictor_hidden_size = 512
-    c.model.num_classes = 6   # the six demo photos
     c.data.demo = True
     c.data.image_size = 96
-    c.data.num_train_examples = -1
     c.data.shuffle_buffer = 256
     c.optim.base_learning_rate = 0.2
     c.optim.warmup_fraction = 0.05

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
         projector_hidden_size=4096,
         projector_output_size=256,
         predictor_hidden_size=4096,
-        num_classes=1000,        # online linear probe on stop-gradient features
+        num_classes=-1,          # online linear probe; <= 0: the dataset's count (its manifest)
         bn_decay_rate=0.9,
         precision="float32",     # or "bfloat16": bf16 convs/matmuls, fp32 params/BN/loss
     ))
@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
         demo=False,              # build and use the embedded scikit-image demo dataset
         image_size=224,
         fh_mask_index=0,         # which FH scale of the record to use
-        num_train_examples=1_281_167,  # <= 0: read from the dataset directory
+        num_train_examples=-1,   # <= 0: the dataset's count (ImageNet train: 1,281,167)
+        deterministic=False,     # True: identical losses on re-runs, at some input throughput
         shuffle_buffer=10_000,
         seed=0,
     ))
@@ -58,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
         log_tensors_interval=60.0,  # seconds; also log at least this often
         init_checkpoint="",      # DeepMind .npy torso weights to start from (needs allow_pickle)
         allow_pickle=False,
+        restore_step=-1,         # >= 0: resume from this checkpoint, later ones moved aside
+        allow_config_change=False,  # resume although the schedule or data settings changed
     ))
     c.lock()
     return c

@@ -112,6 +112,8 @@ def step_config(depth: int, image_size: int, global_batch: int, precision: str,
     config.data.image_size = image_size
     config.training.batch_size = global_batch
     config.training.mock_data = True
+    if config.model.num_classes <= 0:  # "from the dataset": synthetic data has ImageNet's count
+        config.model.num_classes = 1000
     return config
 
 

@@ -157,7 +157,9 @@ def test_interrupted_shard_leaves_no_partial_file(generated, tmp_path, monkeypat
     monkeypatch.setattr(mask_job, "encode_file", encode_then_die)
     with pytest.raises(KeyboardInterrupt):
         _generate(inputs, output, num_shards=2)
-    assert sorted(os.listdir(output)) == ["fh_masks_train.json", "train-00000-of-00002"]
+    assert sorted(os.listdir(output)) == [
+        "fh_masks_train.json", "fh_masks_train_counts", "train-00000-of-00002"
+    ]
     monkeypatch.undo()
     summary = _generate(inputs, output, num_shards=2)
     assert summary.shards_already_complete == 1 and summary.shards_written == 1

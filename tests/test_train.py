@@ -109,13 +109,15 @@ def _main_loop(args, devices: int, timeout: int = 900, **env) -> subprocess.Comp
 
 @pytest.mark.slow
 def test_cli_demo_mock_run_resumes(tmp_path):
-    """The issue's acceptance run: 2 steps, then 4 steps on the same workdir resumes."""
+    """2 steps, then 4 steps on the same workdir resumes (a longer schedule needs consent)."""
     w = str(tmp_path / "w")
     common = ["--config=configs/demo.py", "--mock_data", f"--workdir={w}", "--log_every_steps=1"]
     _main_loop(common + ["--max_steps=2"], devices=2)
     assert _steps(w) == [1, 2]
-    out = _main_loop(common + ["--max_steps=4"], devices=2)
+    out = _main_loop(common + ["--max_steps=4", "--config.training.allow_config_change=True"],
+                     devices=2)
     assert "Resumed from" in out.stderr
+    assert "changed config: training.max_steps: 2 -> 4" in out.stderr
     assert _steps(w) == [1, 2, 3, 4]
     assert os.path.isdir(os.path.join(w, "tensorboard"))
 
