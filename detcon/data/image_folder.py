@@ -120,6 +120,7 @@ def list_images(
             text = metadata.get(synset)
         files.append(ImageFile(path, os.path.relpath(path, directory), label, synset, text))
 
+    classes = classes or None  # an empty map (an unlabelled training split) fixes nothing
     if classes is None and labels_file is None and not class_folders:
         for name in top_files:
             add(os.path.join(directory, name), schema.NO_LABEL, "")

@@ -9,15 +9,16 @@ fails instead of mixing two datasets.
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import glob
 import json
 import logging
 import multiprocessing
 import os
+import select
 import signal
-import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -97,24 +98,26 @@ def encode_file(image: image_folder.ImageFile, params: FhParams) -> EncodeResult
         return None, f"unexpected {type(error).__name__}: {error}"
 
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+def _die_with(main_pid: int) -> None:
+    """Starts a thread that SIGKILLs this worker once process `main_pid` has exited."""
+
+    def watch() -> None:
+        try:
+            descriptor = os.pidfd_open(main_pid)  # readable once the process exits (Linux 5.3+)
+            select.select([descriptor], [], [])
+        except (AttributeError, OSError):
+            while _pid_alive(main_pid):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-main-process", daemon=True).start()
 
 
-def _die_with_parent() -> None:
-    """Asks Linux to SIGKILL this worker when its parent dies (after SIGTERM or kill -9)."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def _init_worker() -> None:
-    # Without this a killed run leaves its workers (~1.3 GB) running, waiting for work forever;
-    # the forkserver, their parent, exits when the main process dies.
-    _die_with_parent()
+def _init_worker(main_pid: int) -> None:
+    # Without this a killed run leaves its workers (~1.3 GB each) waiting for work forever. Their
+    # parent is the forkserver, which itself waits for them (they hold its liveness pipe), so a
+    # parent-death signal would never fire: each worker watches the main process instead.
+    _die_with(main_pid)
     # One thread per process: parallelism comes from the processes, oversubscription only hurts.
     import tensorflow as tf
 
@@ -138,7 +141,7 @@ def _new_pool(num_workers: int) -> concurrent.futures.ProcessPoolExecutor:
     else:
         context = multiprocessing.get_context("spawn")
     return concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=context, initializer=_init_worker
+        num_workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
     )
 
 
