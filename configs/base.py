@@ -5,9 +5,6 @@ method's own fields live in the group named after it (config.<method>).
 """
 import ml_collections
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
-
-
 def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
     """The shared ImageNet defaults (ResNet-50, 224 px, batch 4096) plus `method`'s group."""
     c = ml_collections.ConfigDict()
@@ -17,7 +14,7 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         depth=50,
         width_multiplier=1,
-        num_classes=1000,        # online linear probe on stop-gradient features
+        num_classes=-1,          # online linear probe; <= 0: the dataset's count (its manifest)
         bn_decay_rate=0.9,
         precision="float32",     # or "bfloat16": bf16 convs/matmuls, fp32 params/BN/loss
         # Both views through each network as one batch (BatchNorm statistics still per view):
@@ -31,7 +28,8 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
         demo=False,              # build and use the embedded scikit-image demo dataset
         image_size=224,
         fh_mask_index=0,         # which FH scale of the record to use
-        num_train_examples=IMAGENET_TRAIN_EXAMPLES,  # <= 0: read from the dataset directory
+        num_train_examples=-1,   # <= 0: the dataset's count (ImageNet train: 1,281,167)
+        deterministic=False,     # True: identical losses on re-runs, at some input throughput
         shuffle_buffer=10_000,
         seed=0,
     ))
@@ -59,6 +57,8 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
         log_tensors_interval=60.0,  # seconds; also log at least this often
         init_checkpoint="",      # DeepMind .npy torso weights to start from (needs allow_pickle)
         allow_pickle=False,
+        restore_step=-1,         # >= 0: resume from this checkpoint, later ones moved aside
+        allow_config_change=False,  # resume although the schedule or data settings changed
         compilation_cache=True,  # JAX's persistent cache in $DETCON_CACHE_DIR or ~/.cache/detcon/jax
     ))
     c.evaluation = ml_collections.ConfigDict(dict(

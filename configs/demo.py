@@ -17,14 +17,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.detcon_b.projector_hidden_size = 512
     c.detcon_b.projector_output_size = 128
     c.detcon_b.predictor_hidden_size = 512
-    c.model.num_classes = 6   # the six demo photos
     c.data.demo = True
     c.data.image_size = 96
-    c.data.num_train_examples = -1
     c.data.shuffle_buffer = 256
     c.optim.base_learning_rate = 0.2
     c.optim.warmup_rule = "fraction"  # 50 epochs: the released rule would give no warm-up
-    c.optim.warmup_rule = "fraction"  # the dataset size is known only at run time
     c.optim.warmup_fraction = 0.05
     c.training.batch_size = 16
     c.training.pretrain_epochs = 50

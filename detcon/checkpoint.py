@@ -1,4 +1,5 @@
 """Orbax checkpoints in <workdir>/checkpoints: atomic save, keep last K, resume, load for export."""
+import errno
 import json
 import os
 from typing import Any, Optional
@@ -8,6 +9,8 @@ from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 
+from detcon import errors
+from detcon import finite
 from detcon.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -21,13 +24,55 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
-    """Saves a host (unreplicated) state at its step; orbax writes to a temp dir then renames."""
+    """Saves a host (unreplicated) state at its step; orbax writes to a temp dir then renames.
+
+    A state holding NaN or inf is refused (NonFiniteStateError): a diverged run must never leave a
+    checkpoint that resumes straight back into divergence.
+    """
     step = int(state.step)
     host_state = jax.tree_util.tree_map(np.asarray, state._asdict())
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
-                                               meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+    bad = finite.non_finite_leaves(host_state)
+    if bad:
+        raise errors.NonFiniteStateError(
+            f"The training state at step {step} holds NaN or inf (in {finite.describe(bad)}); it "
+            f"was not saved. {kept_steps_advice(manager)}")
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
+                                                   meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - orbax wraps OS errors in its own async layers
+        os_error = _os_error_in(error)
+        if os_error is None:
+            raise
+        reason = ("the disk is full" if os_error.errno in (errno.ENOSPC, errno.EDQUOT)
+                  else os_error.strerror or str(os_error))
+        raise errors.CheckpointWriteError(
+            f"Could not write checkpoint {step} to {manager.directory}: {reason}. Free space (or "
+            f"fix the path) and re-run the same command; it resumes from step "
+            f"{manager.latest_step()}.") from None
     logging.info("Saved checkpoint %s/%d", manager.directory, step)
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The first OSError in an exception's cause/context chain, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def kept_steps_advice(manager: ocp.CheckpointManager) -> str:
+    """One sentence listing the kept checkpoint steps and how to resume from one of them."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        return "No checkpoint was kept; lower the learning rate and start again."
+    return (f"Kept checkpoints (all finite): steps {', '.join(map(str, steps))} in "
+            f"{manager.directory}. Resume from one before the divergence with --restore_step=N "
+            f"(e.g. --restore_step={steps[0]}) and a lower --config.optim.base_learning_rate; "
+            f"later checkpoints are moved aside, not deleted.")
 
 
 def restore(manager: ocp.CheckpointManager, template: TrainState, step: Optional[int] = None

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from detcon import finite
 from detcon.networks import RESNET_DEPTHS, resnet_name
 
 Params = Mapping[str, Mapping[str, Any]]
@@ -312,12 +313,21 @@ def export_torso(params: Params, state: Params, depth: int, fmt: str, output: st
     with_torch = fmt == "torchvision" and torch_available()
     paths = output_paths(output, fmt, with_torch)
     if fmt == "torchvision":
-        tensors = haiku_to_torchvision(params, state, depth)
+        tensors = refuse_non_finite(haiku_to_torchvision(params, state, depth))
         write_safetensors(tensors, paths[0], metadata)
         if with_torch:
             write_torch(tensors, paths[1])
     elif fmt == "detectron2":
-        write_detectron2(haiku_to_detectron2(params, state, depth), paths[0])
+        write_detectron2(refuse_non_finite(haiku_to_detectron2(params, state, depth)), paths[0])
     else:
-        write_npz(haiku_to_npz(params, state, depth), paths[0])
+        write_npz(refuse_non_finite(haiku_to_npz(params, state, depth)), paths[0])
     return paths
+
+
+def refuse_non_finite(arrays: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """Returns `arrays` unchanged; ValueError naming the tensors if any holds NaN or inf."""
+    bad = finite.non_finite_leaves(dict(arrays))
+    if bad:
+        raise ValueError(f"the checkpoint holds NaN or inf in {finite.describe(bad)} (a diverged "
+                         "run); export an earlier checkpoint step directory instead")
+    return arrays

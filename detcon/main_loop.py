@@ -6,12 +6,16 @@
       --batch_size=4096 --workdir=/ckpt/detcon_b
 """
 import os
+import sys
 import tempfile
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from detcon import cli
+from detcon import errors
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "detcon_b.py")
@@ -25,6 +29,8 @@ flags.DEFINE_float("log_tensors_interval", None, "Log at least every this many s
 # Ours.
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs; resumes if present.")
 flags.DEFINE_integer("max_steps", None, "Overrides the step count derived from epochs.")
+flags.DEFINE_integer("restore_step", None, "Resume from this checkpoint step (after divergence); "
+                     "later checkpoints are moved to <workdir>/checkpoints_after_<N>.")
 flags.DEFINE_bool("mock_data", None, "Synthetic batches; no dataset needed.")
 flags.DEFINE_integer("log_every_steps", None, "Log every this many steps.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
@@ -38,6 +44,7 @@ _OVERRIDES = {  # flag -> (config group, field)
     "batch_size": ("training", "batch_size"),
     "log_tensors_interval": ("training", "log_tensors_interval"),
     "max_steps": ("training", "max_steps"),
+    "restore_step": ("training", "restore_step"),
     "mock_data": ("training", "mock_data"),
     "log_every_steps": ("training", "log_every_steps"),
 }
@@ -61,6 +68,7 @@ def _quiet_library_info(record) -> bool:
     return record.levelno > 20 or "/orbax/" not in record.pathname
 
 
+@cli.one_line_usage_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -85,9 +93,13 @@ def main(argv: list[str]) -> None:
     from detcon import train
     compilation_cache.enable(config.training.compilation_cache)
     logging.info("Config:\n%s", config)
-    result = train.run(config, workdir)
+    try:
+        result = train.run(config, workdir)
+    except (errors.RunStopped, FileNotFoundError) as error:
+        logging.error("%s", error)  # the message says what happened and what to do; no traceback
+        sys.exit(getattr(error, "exit_code", 1))
     logging.info("Done: %s (workdir %s)", {k: round(v, 4) for k, v in result.items()}, workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,4 +1,5 @@
 """The training loop: init or restore state, feed batches, call the pmapped step, log, checkpoint."""
+import copy
 import math
 import time
 from typing import Any, Iterator, Optional
@@ -9,22 +10,29 @@ import numpy as np
 from absl import logging
 
 from detcon import checkpoint as checkpoint_lib
+from detcon import dataset_fit
 from detcon import devices as devices_lib
+from detcon import errors
 from detcon import experiment as experiment_lib
 from detcon import metrics as metrics_lib
 from detcon import mock_data
+from detcon import preemption
+from detcon import resume
 from detcon import state as state_lib
 from detcon import step as step_lib
+from detcon import workdir_lock
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when the loss becomes NaN or infinite."""
+NonFiniteLossError = errors.NonFiniteLossError  # raised on a NaN or infinite loss
 
 
 def batch_layout(global_batch: int) -> tuple[int, int]:
     """(local devices, per-device batch); a clear error if the batch does not split evenly."""
     devices = jax.device_count()
+    if global_batch < 1:
+        raise errors.ConfigError(f"--batch_size={global_batch} must be a positive multiple of the "
+                                 f"{devices} devices of this run.")
     if global_batch % devices:
-        raise ValueError(
+        raise errors.ConfigError(
             f"--batch_size={global_batch} is not divisible by the {devices} devices of this run; "
             f"use a multiple of {devices}.")
     return jax.local_device_count(), global_batch // devices
@@ -79,19 +87,31 @@ def real_batches(config: ml_collections.ConfigDict, directory: str, start_step: 
         per_device_batch=per_device, process_index=jax.process_index(),
         process_count=jax.process_count(), fh_mask_index=config.data.fh_mask_index,
         max_mask_id=config[config.method].get("max_mask_id", 256), seed=config.data.seed,
-        start_step=start_step, shuffle_buffer=config.data.shuffle_buffer)
+        start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
+        deterministic=config.data.deterministic)
     index = _local_indices(local_devices, per_device)
     for batch in batches:
+        dataset_fit.check_labels(batch["label"], config.model.num_classes)  # else NaN at step 1
         batch["index"] = index
         yield batch
 
 
-def num_train_examples(config: ml_collections.ConfigDict, directory: Optional[str]) -> int:
-    """Examples per epoch: the config's figure, or counted from the dataset when it is <= 0."""
-    if config.data.num_train_examples > 0 or directory is None:
-        return max(1, config.data.num_train_examples)
-    from detcon.data import pipeline
-    return pipeline.num_examples(directory, "train")
+def fit_to_dataset(config: ml_collections.ConfigDict, directory: Optional[str]
+                   ) -> ml_collections.ConfigDict:
+    """A copy of the config with the probe's class count and the epoch size taken from the data."""
+    config = copy.deepcopy(config)
+    if directory is None:  # mock data
+        config.model.num_classes = (config.model.num_classes if config.model.num_classes > 0
+                                    else dataset_fit.MOCK_NUM_CLASSES)
+        config.data.num_train_examples = max(1, config.data.num_train_examples)
+        return config
+    from detcon.data import dataset_info  # TensorFlow lives in detcon.data
+    info = dataset_info.read(directory, "train")
+    config.model.num_classes = dataset_fit.num_classes(config.model.num_classes, info.num_classes,
+                                                       info.classes_source)
+    config.data.num_train_examples = dataset_fit.num_examples(
+        config.data.num_train_examples, info.num_examples, info.examples_source)
+    return config
 
 
 def _prefetch_to_devices(batches: Iterator[dict[str, np.ndarray]], devices: list, depth: int = 2
@@ -125,19 +145,34 @@ def _maybe_initialise_torso(config: ml_collections.ConfigDict, state: state_lib.
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains until the configured step count; returns the last logged metrics."""
+    batch_layout(config.training.batch_size)  # a bad batch fails before any data is read
+    directory = None if config.training.mock_data else dataset_directory(config)
+    config = fit_to_dataset(config, directory)
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0), \
+            preemption.stop_on_signals() as stop:
+        return _train(config, workdir, directory, stop)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, directory: Optional[str],
+           stop: preemption.StopRequest) -> dict[str, float]:
+    """The loop of `run`, on a config already fitted to the dataset and a locked workdir."""
     local_devices, per_device = batch_layout(config.training.batch_size)
     is_chief = jax.process_index() == 0
-    directory = None if config.training.mock_data else dataset_directory(config)
-    steps = total_steps(config, num_train_examples(config, directory))
+    steps = total_steps(config, config.data.num_train_examples)
 
     experiment = experiment_lib.build(config, steps)
     state = experiment.init_state(jax.random.PRNGKey(config.training.seed))
 
-    manager = checkpoint_lib.make_manager(workdir, config.training.keep_checkpoints)
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
+    if config.training.restore_step >= 0 and is_chief:
+        resume.rewind(workdir, config.training.restore_step)
+    manager, restored = resume.restore_newest_good(
+        workdir, lambda: checkpoint_lib.make_manager(workdir, config.training.keep_checkpoints),
+        state, config)
+    writer = metrics_lib.MetricsWriter(
+        workdir, enabled=is_chief, resume_step=None if restored is None else int(restored.step))
     meta = {"config": config.to_dict()}
-    if manager.latest_step() is not None:
-        state, _ = checkpoint_lib.restore(manager, state)
+    if restored is not None:
+        state = restored
         logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
         writer.truncate_after(int(state.step))
     else:
@@ -147,6 +182,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start = int(state.step)
     if start >= steps:
         logging.info("Nothing to do: checkpoint step %d >= %d steps.", start, steps)
+        writer.close()
+        manager.close()
         return {}
 
     devices = jax.local_devices()
@@ -167,9 +204,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if pending is not None:
                 logger.process(*pending, manager)
                 pending = None
-            if done % config.training.checkpoint_every_steps == 0 or done == steps:
+            signal_number = preemption.agreed_signal(stop, jax.process_count())
+            if (done % config.training.checkpoint_every_steps == 0 or done == steps
+                    or signal_number):
                 logger.process(done, metrics, manager)  # a non-finite loss is never saved
                 checkpoint_lib.save(manager, devices_lib.unreplicate(replicated), meta)
+                if signal_number and done < steps:
+                    raise errors.Preempted(
+                        f"Stopped by {preemption.signal_name(signal_number)} after step {done}; "
+                        f"saved checkpoint {done} in {manager.directory}. Run the same command "
+                        "to resume.", signal_number)
             else:
                 pending = (done, metrics)
             if monitor is not None and done % config.evaluation.every_steps == 0:
@@ -220,9 +264,8 @@ class _StepLogger:
         host = {k: float(v) for k, v in devices_lib.unreplicate(device_metrics).items()}
         if not math.isfinite(host["loss"]):
             raise NonFiniteLossError(
-                f"Non-finite loss ({host['loss']}) at step {step}; stopping. The last good "
-                f"checkpoint is kept in {manager.directory} (step {manager.latest_step()}). "
-                "Lower the learning rate or check the data.")
+                f"Non-finite loss ({host['loss']}) at step {step}; stopping. "
+                f"{checkpoint_lib.kept_steps_advice(manager)}")
         now = time.time()
         if not (step % self._every == 0 or step == self._steps
                 or now - self._time >= self._interval):

@@ -108,6 +108,10 @@ def step_config(depth: int, image_size: int, global_batch: int, precision: str,
     config.data.image_size = image_size
     config.training.batch_size = global_batch
     config.training.mock_data = True
+    if config.model.num_classes <= 0:  # "from the dataset": synthetic data has ImageNet's count
+        config.model.num_classes = 1000
+    if config.data.num_train_examples <= 0:  # likewise for the warm-up length in epochs
+        config.data.num_train_examples = 1_281_167
     return config
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
+from detcon import cli
 from detcon import export
 from detcon import pretrained
 
@@ -99,7 +101,9 @@ def _width_hint(fmt: str, depth: int, width: int) -> str:
     return ""
 
 
+@cli.one_line_usage_errors
 def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # orbax logs each file it reads at INFO
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     path = _CHECKPOINT.value

@@ -16,6 +16,7 @@ Interrupted?  Run the same command again: complete shards are kept, the rest are
 """
 
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from detcon.data import image_folder, mask_job  # noqa: E402
+from detcon import cli  # noqa: E402
+from detcon.data import image_folder, mask_job, schema, shards  # noqa: E402
 
 _TRAIN_DIRECTORY = flags.DEFINE_string(
     "train_directory", None, "Training images: DIR/<class>/<image> or a flat folder."
@@ -79,7 +81,24 @@ def _parse_list(flag: flags.FlagHolder, kind: type) -> tuple:
         ) from None
 
 
+def _exit_on_sigterm(signal_number: int, frame: object) -> None:
+    # SystemExit unwinds: partial shards are deleted and the worker pool is shut down.
+    del frame
+    raise SystemExit(128 + signal_number)
+
+
+def _training_classes(listings: dict) -> list[str] | None:
+    """The train split's label map: this run's listing, else the output's train manifest."""
+    if "train" in listings:
+        return listings["train"].classes
+    manifest = shards.read_manifest(_OUTPUT_DIRECTORY.value, "train") if os.path.isdir(
+        _OUTPUT_DIRECTORY.value) else None
+    return None if manifest is None else manifest.get("classes")
+
+
+@cli.one_line_usage_errors
 def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _OUTPUT_DIRECTORY.value:
@@ -103,11 +122,22 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(error)) from None
 
     summaries = []
+    listings = {}
     for name, directory, num_shards in splits:
+        # Validation labels follow the training label map, so a class has one label in both.
+        classes = _training_classes(listings) if name == "validation" else None
+        if name == "validation" and classes is None and not _LABELS_FILE.value:
+            logging.warning(
+                "validation: no training classes known (no --train_directory, no train manifest "
+                "in --output_directory, no --labels_file); labelling by its own sorted folders"
+            )
         try:
-            listing = image_folder.list_images(directory, _LABELS_FILE.value, _METADATA_FILE.value)
+            listing = image_folder.list_images(
+                directory, _LABELS_FILE.value, _METADATA_FILE.value, classes=classes
+            )
         except (ValueError, FileNotFoundError) as error:
             raise app.UsageError(f"--{name}_directory: {error}") from None
+        listings[name] = listing
         for warning in listing.warnings:
             logging.warning("%s: %s", name, warning)
         if listing.ignored_non_images:
@@ -133,7 +163,10 @@ def main(argv: list[str]) -> None:
                 task_index=_TASK_INDEX.value,
                 num_tasks=_NUM_TASKS.value,
                 show_progress=_PROGRESS.value,
+                classes=listing.classes,
             )
+        except schema.TooManySegmentsError as error:  # the settings, not the image: stop
+            cli.fail(f"{error} (completed shards are kept)", exit_code=2)
         except ValueError as error:  # settings that clash with shards already in the output
             raise app.UsageError(str(error)) from None
         summaries.append(summary)

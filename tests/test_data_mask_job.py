@@ -3,6 +3,7 @@
 import io
 import os
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -157,7 +158,9 @@ def test_interrupted_shard_leaves_no_partial_file(generated, tmp_path, monkeypat
     monkeypatch.setattr(mask_job, "encode_file", encode_then_die)
     with pytest.raises(KeyboardInterrupt):
         _generate(inputs, output, num_shards=2)
-    assert sorted(os.listdir(output)) == ["fh_masks_train.json", "train-00000-of-00002"]
+    assert sorted(os.listdir(output)) == [
+        "fh_masks_train.json", "fh_masks_train_counts", "train-00000-of-00002"
+    ]
     monkeypatch.undo()
     summary = _generate(inputs, output, num_shards=2)
     assert summary.shards_already_complete == 1 and summary.shards_written == 1
@@ -280,3 +283,124 @@ def test_bad_settings_name_the_flag():
         mask_job.task_shards(4, task_index=2, num_tasks=2)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         image_folder.list_images("/nowhere")
+
+
+def _script(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(_REPO, "scripts", "generate_fh_masks.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=_REPO),
+    )
+
+
+def test_validation_labels_follow_the_training_label_map(tmp_path):
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("bee", "cat"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(_photo("coffee", (16, 16))).save(tmp_path / split / name / "x.png")
+    output = tmp_path / "out"
+    result = _script(
+        f"--train_directory={tmp_path / 'train'}",
+        f"--validation_directory={tmp_path / 'val'}",
+        f"--output_directory={output}",
+        "--train_shards=1",
+        "--validation_shards=1",
+        "--num_workers=1",
+        "--noprogress",
+    )
+    assert result.returncode == 0, result.stderr
+    examples = [
+        tf.train.Example.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(shards.list_shards(str(output), "validation"))
+    ]
+    labels = {
+        e.features.feature[schema.SYNSET].bytes_list.value[0].decode(): e.features.feature[
+            schema.LABEL
+        ].int64_list.value[0]
+        for e in examples
+    }
+    assert labels == {"bee": 2, "cat": 3}  # the training map; per-folder labels would be 1, 2
+    assert shards.read_manifest(str(output), "train")["num_classes"] == 3
+
+
+def test_more_than_65535_segments_stops_with_exit_code_2(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(noise).save(tmp_path / "flat" / "noise.png")
+    files = image_folder.list_images(str(tmp_path / "flat")).files
+    tiny_segments = mask_job.FhParams(scales=(0.01,), min_sizes=(0,))
+    with pytest.raises(schema.TooManySegmentsError):
+        mask_job.generate_split(
+            "train", files, str(tmp_path / "direct"), num_shards=1, params=tiny_segments,
+            seed=0, num_workers=1, show_progress=False,
+        )
+    result = _script(
+        f"--train_directory={tmp_path / 'flat'}",
+        f"--output_directory={tmp_path / 'out'}",
+        "--train_shards=1",
+        "--fh_scales=0.01",
+        "--fh_min_sizes=0",
+        "--num_workers=1",
+        "--noprogress",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "segment ids must lie in [0, 65535]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_rerun_removes_temporary_files_of_a_killed_run(generated, tmp_path):
+    inputs = generated[0]
+    output = tmp_path / "out"
+    output.mkdir()
+    stale_shard = output / ".train-00001-of-00002.tmp-999999"
+    stale_manifest = output / "fh_masks_train.json.tmp-999999"
+    stale_shard.write_bytes(b"partial")
+    stale_manifest.write_text("{")
+    summary = _generate(inputs, str(output), num_shards=2)
+    assert summary.shards_written == 2
+    assert not stale_shard.exists() and not stale_manifest.exists()
+    assert sorted(os.listdir(output)) == [
+        "fh_masks_train.json", "fh_masks_train_counts", "train-00000-of-00002",
+        "train-00001-of-00002",
+    ]
+
+
+_POOL_PROGRAM = """
+import os, sys, time
+from detcon.data import mask_job
+pool = mask_job._new_pool(2)
+pids = {f.result() for f in [pool.submit(os.getpid) for _ in range(8)]}
+print(" ".join(map(str, sorted(pids))), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[1][0] != "Z"  # a zombie has already exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_workers_die_with_a_killed_parent():
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _POOL_PROGRAM],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=_REPO),
+    )
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert workers and all(_alive(p) for p in workers)
+    finally:
+        parent.kill()  # kill -9: no cleanup code runs in the parent
+        parent.wait()
+    for _ in range(300):  # the forkserver notices its parent's death, then the workers die
+        if not any(_alive(p) for p in workers):
+            break
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), workers

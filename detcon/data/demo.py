@@ -5,6 +5,7 @@ validation records (a fourth crop), at most 192 pixels on the long side so FH an
 fast on a laptop CPU.  Built once, atomically, with the same record writer as the mask script.
 """
 
+import json
 import os
 import random
 import shutil
@@ -90,12 +91,30 @@ def _build(directory: str) -> None:
             with fh_records.atomic_shard(path) as writer:
                 for record in records[start:end]:
                     writer.write(record)
+    _describe(directory)
+
+
+def _describe(directory: str) -> None:
+    """Writes the manifests and record counts training reads (as the mask generator does)."""
+    for split in ("train", "validation"):
+        for path in shards.list_shards(directory, split):
+            shards.write_record_count(path, shards.count_records(path))
+        manifest = {"version": mask_job.MANIFEST_VERSION, "split": split, "source": "demo",
+                    "num_classes": len(PHOTOS), "fh_scales": list(PARAMS.scales),
+                    "fh_min_sizes": list(PARAMS.min_sizes)}
+        path = shards.manifest_path(directory, split)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+        os.replace(temporary, path)
 
 
 def ensure_demo_dataset(directory: str | None = None) -> str:
     """Returns the demo dataset directory (default `$DETCON_DATA_HOME/demo_fh`), built if absent."""
     directory = os.path.abspath(directory or os.path.join(data_home(), DEFAULT_DIRECTORY_NAME))
     if os.path.isdir(directory):
+        if not os.path.exists(shards.manifest_path(directory, "train")):
+            _describe(directory)  # built by an older version, which wrote no manifest
         return directory
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)

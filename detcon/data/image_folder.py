@@ -32,6 +32,7 @@ class Listing:
     files: list[ImageFile]
     ignored_non_images: list[str]
     warnings: list[str]
+    classes: list[str] = dataclasses.field(default_factory=list)  # label i + 1 is classes[i]
 
 
 def image_extensions() -> frozenset[str]:
@@ -87,9 +88,16 @@ def _walk_files(root: str) -> list[str]:
 
 
 def list_images(
-    directory: str, labels_file: str | None = None, metadata_file: str | None = None
+    directory: str,
+    labels_file: str | None = None,
+    metadata_file: str | None = None,
+    classes: list[str] | None = None,
 ) -> Listing:
-    """Returns the images under `directory`: class folders if it has any, else a flat folder."""
+    """Returns the images under `directory`: class folders if it has any, else a flat folder.
+
+    `classes` fixes the label map (e.g. the training split's, so validation labels match it);
+    otherwise it is `labels_file`'s order, else the sorted class folders.
+    """
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"image directory {directory!r} does not exist or is not a directory"
@@ -112,22 +120,26 @@ def list_images(
             text = metadata.get(synset)
         files.append(ImageFile(path, os.path.relpath(path, directory), label, synset, text))
 
-    if labels_file is None and not class_folders:
+    classes = classes or None  # an empty map (an unlabelled training split) fixes nothing
+    if classes is None and labels_file is None and not class_folders:
         for name in top_files:
             add(os.path.join(directory, name), schema.NO_LABEL, "")
+        classes = []
     else:
-        classes = read_labels_file(labels_file) if labels_file else class_folders
+        if classes is None:
+            classes = read_labels_file(labels_file) if labels_file else class_folders
+        classes = list(classes)
         missing = [c for c in classes if not os.path.isdir(os.path.join(directory, c))]
         if missing:
             warnings.append(
-                f"{len(missing)} classes of the labels file have no folder in {directory!r} "
+                f"{len(missing)} classes of the label map have no folder in {directory!r} "
                 f"(e.g. {missing[:3]}); their labels stay reserved"
             )
         unlisted = sorted(set(class_folders) - set(classes))
         if unlisted:
             warnings.append(
-                f"{len(unlisted)} folders in {directory!r} are not in --labels_file and are left "
-                f"out (e.g. {unlisted[:3]})"
+                f"{len(unlisted)} folders in {directory!r} are not in the label map (--labels_file "
+                f"or the training classes) and are left out (e.g. {unlisted[:3]})"
             )
         if top_files:
             warnings.append(
@@ -151,7 +163,7 @@ def list_images(
             f"no images found in {directory!r} (looked for {', '.join(sorted(_EXTRA_EXTENSIONS))} "
             "and other Pillow formats, in DIR/<class>/<image> or directly in DIR)"
         )
-    return Listing(files=files, ignored_non_images=ignored, warnings=warnings)
+    return Listing(files=files, ignored_non_images=ignored, warnings=warnings, classes=classes)
 
 
 def shuffled(files: list[ImageFile], seed: int) -> list[ImageFile]:

@@ -8,17 +8,23 @@ fails instead of mixing two datasets.
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import multiprocessing
 import os
+import select
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tqdm
 
-from detcon.data import fh_records, image_codec, image_folder, shards
+from detcon.data import fh_records, image_codec, image_folder, schema, shards
 
 MANIFEST_VERSION = 1
 _IN_FLIGHT_PER_WORKER = 4  # enough queued work to hide IPC, little enough to bound memory
@@ -82,6 +88,8 @@ def encode_file(image: image_folder.ImageFile, params: FhParams) -> EncodeResult
             min_sizes=params.min_sizes,
         )
         return record, ""
+    except schema.TooManySegmentsError:
+        raise  # the FH settings, not this image: every later image would fail the same way
     except image_codec.BadImageError as error:
         return None, str(error)
     except OSError as error:
@@ -90,7 +98,26 @@ def encode_file(image: image_folder.ImageFile, params: FhParams) -> EncodeResult
         return None, f"unexpected {type(error).__name__}: {error}"
 
 
-def _init_worker() -> None:
+def _die_with(main_pid: int) -> None:
+    """Starts a thread that SIGKILLs this worker once process `main_pid` has exited."""
+
+    def watch() -> None:
+        try:
+            descriptor = os.pidfd_open(main_pid)  # readable once the process exits (Linux 5.3+)
+            select.select([descriptor], [], [])
+        except (AttributeError, OSError):
+            while _pid_alive(main_pid):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-main-process", daemon=True).start()
+
+
+def _init_worker(main_pid: int) -> None:
+    # Without this a killed run leaves its workers (~1.3 GB each) waiting for work forever. Their
+    # parent is the forkserver, which itself waits for them (they hold its liveness pipe), so a
+    # parent-death signal would never fire: each worker watches the main process instead.
+    _die_with(main_pid)
     # One thread per process: parallelism comes from the processes, oversubscription only hurts.
     import tensorflow as tf
 
@@ -114,7 +141,7 @@ def _new_pool(num_workers: int) -> concurrent.futures.ProcessPoolExecutor:
     else:
         context = multiprocessing.get_context("spawn")
     return concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=context, initializer=_init_worker
+        num_workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
     )
 
 
@@ -204,12 +231,19 @@ def ordered_results(
 
 
 def _manifest(
-    split: str, files: list[image_folder.ImageFile], num_shards: int, params: FhParams, seed: int
+    split: str,
+    files: list[image_folder.ImageFile],
+    num_shards: int,
+    params: FhParams,
+    seed: int,
+    classes: list[str],
 ) -> dict:
     return {
         "version": MANIFEST_VERSION,
         "split": split,
         "num_files": len(files),
+        "num_classes": len(classes),
+        "classes": list(classes),
         "files_digest": image_folder.listing_digest(files),
         "num_shards": num_shards,
         "fh_scales": list(params.scales),
@@ -218,9 +252,7 @@ def _manifest(
     }
 
 
-def manifest_path(output_directory: str, split: str) -> str:
-    """Returns where a split's generation manifest lives."""
-    return os.path.join(output_directory, f"fh_masks_{split}.json")
+manifest_path = shards.manifest_path
 
 
 def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
@@ -230,7 +262,8 @@ def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle)
-        differing = sorted(k for k in manifest if previous.get(k) != manifest[k])
+        # A key an older version did not write is derived from the inputs the digest covers.
+        differing = sorted(k for k in manifest if k in previous and previous[k] != manifest[k])
         if differing:
             raise ValueError(
                 f"{output_directory!r} already holds {split!r} shards made with different "
@@ -254,6 +287,34 @@ def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
     os.replace(temporary, path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(output_directory: str, split: str, shard_paths: list[str]) -> int:
+    """Returns how many partial files of a killed run it deleted (for `shard_paths`, manifests)."""
+    stale = []
+    for path in shard_paths:  # tasks own disjoint shards, so these are never another's live work
+        directory, name = os.path.split(path)
+        stale += glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.tmp-*"))
+    for draft in glob.glob(glob.escape(manifest_path(output_directory, split)) + ".tmp-*"):
+        pid = draft.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.append(draft)
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    if stale:
+        logging.info("%s: removed %d temporary files left by an interrupted run", split, len(stale))
+    return len(stale)
+
+
 def generate_split(
     split: str,
     files: list[image_folder.ImageFile],
@@ -266,12 +327,22 @@ def generate_split(
     task_index: int = 0,
     num_tasks: int = 1,
     show_progress: bool = True,
+    classes: list[str] | None = None,
 ) -> SplitSummary:
-    """Writes this task's missing shards of `split` from `files` (shuffled); returns a summary."""
+    """Writes this task's missing shards of `split` from `files` (shuffled); returns a summary.
+
+    `classes` (label i + 1 = classes[i]; default: from the files) go into the manifest, where
+    training takes its class count from.
+    """
     if num_shards < 1:
         raise ValueError(f"--{split}_shards must be >= 1, got {num_shards}")
     os.makedirs(output_directory, exist_ok=True)
-    _check_or_write_manifest(output_directory, _manifest(split, files, num_shards, params, seed))
+    if classes is None:
+        names = {f.label: f.synset for f in files if f.label > 0}
+        classes = [names.get(label, "") for label in range(1, max(names, default=0) + 1)]
+    _check_or_write_manifest(
+        output_directory, _manifest(split, files, num_shards, params, seed, classes)
+    )
     if num_shards > len(files):
         logging.warning(
             "%s: %d shards for %d images; %d shards will be empty",
@@ -289,6 +360,7 @@ def generate_split(
             summary.shards_already_complete += 1
         else:
             todo.append((path, bounds[index]))
+    remove_stale_temporaries(output_directory, split, [path for path, _ in todo])
     if summary.shards_already_complete:
         logging.info(
             "%s: %d shards already complete, skipping them", split, summary.shards_already_complete
@@ -304,6 +376,7 @@ def generate_split(
     )
     try:
         for path, (start, end) in todo:
+            in_shard = 0
             with fh_records.atomic_shard(path) as writer:
                 for image in files[start:end]:
                     record, reason = next(results)
@@ -313,8 +386,10 @@ def generate_split(
                     else:
                         writer.write(record)
                         summary.written += 1
+                        in_shard += 1
                     progress.update(1)
                     progress.set_postfix(skipped=len(summary.skipped), refresh=False)
+            shards.write_record_count(path, in_shard)
             summary.shards_written += 1
     finally:
         progress.close()

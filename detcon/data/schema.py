@@ -35,6 +35,10 @@ FH_SCALES = "image/felzenszwalb_scales"
 FH_MIN_SIZES = "image/felzenszwalb_min_sizes"
 
 MAX_SEGMENT_ID = np.iinfo(np.uint16).max
+
+
+class TooManySegmentsError(ValueError):
+    """FH gave more segments than the uint16 ids hold: a settings problem, not a bad image."""
 NO_LABEL = 0  # label 0 is reserved (background / unlabelled), real classes start at 1
 
 
@@ -70,7 +74,7 @@ def build_example(
             f"[num_scales, {height}, {width}] to match the image"
         )
     if segmentations.size and (segmentations.min() < 0 or segmentations.max() > MAX_SEGMENT_ID):
-        raise ValueError(
+        raise TooManySegmentsError(
             f"{filename}: segment ids must lie in [0, {MAX_SEGMENT_ID}], got "
             f"[{segmentations.min()}, {segmentations.max()}]; raise --fh_min_sizes to get fewer "
             "segments"

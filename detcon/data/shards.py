@@ -1,5 +1,11 @@
-"""Shard file names (`train-00000-of-02048`), listing a split's shards, counting their records."""
+"""Shard file names (`train-00000-of-02048`), listing a split's shards, counting their records.
 
+Beside the shards, the mask generator writes `fh_masks_<split>.json` (its settings, the input
+count and the class count) and `fh_masks_<split>_counts/<shard>` (records per finished shard), so
+training learns the dataset's size and classes without reading it.
+"""
+
+import json
 import os
 import re
 import struct
@@ -69,3 +75,44 @@ def count_records(path: str) -> int:
             handle.seek(position)
             count += 1
     return count
+
+
+def manifest_path(dataset_directory: str, split: str) -> str:
+    """Returns where a split's generation manifest lives."""
+    return os.path.join(dataset_directory, f"fh_masks_{split}.json")
+
+
+def read_manifest(dataset_directory: str, split: str) -> dict | None:
+    """Returns a split's manifest, or None for datasets made without one."""
+    path = manifest_path(dataset_directory, split)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as handle:
+        return json.load(handle)
+
+
+def _count_path(shard_path: str) -> str:
+    directory, name = os.path.split(shard_path)
+    match = _SHARD_RE.match(name)
+    if not match:
+        raise ValueError(f"{shard_path!r} is not a shard name like train-00000-of-00001")
+    return os.path.join(directory, f"fh_masks_{match['split']}_counts", name)
+
+
+def write_record_count(shard_path: str, count: int) -> None:
+    """Records how many records a finished shard holds (atomically, beside the shards)."""
+    path = _count_path(shard_path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(f"{count}\n")
+    os.replace(temporary, path)
+
+
+def recorded_count(shard_path: str) -> int | None:
+    """Returns the record count the generator wrote for a shard, or None if it wrote none."""
+    path = _count_path(shard_path)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as handle:
+        return int(handle.read().strip())
