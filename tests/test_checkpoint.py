@@ -15,7 +15,7 @@ def _state(optimizer: optax.GradientTransformation, step: int = 3) -> TrainState
     """A small state whose optimiser has taken one update, so its trace is non-zero."""
     grads = jax.tree_util.tree_map(lambda p: 0.5 * jnp.ones_like(p), _PARAMS)
     _, opt_state = optimizer.update(grads, optimizer.init(_PARAMS), _PARAMS)
-    return TrainState(_PARAMS, {}, _PARAMS, {}, opt_state, jnp.int32(step), jax.random.PRNGKey(1))
+    return TrainState(_PARAMS, {}, _PARAMS, {}, opt_state, jnp.int32(step), jax.random.PRNGKey(1), {})
 
 
 def _schedule(count):
