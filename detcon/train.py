@@ -14,6 +14,7 @@ from detcon import dataset_fit
 from detcon import devices as devices_lib
 from detcon import errors
 from detcon import experiment as experiment_lib
+from detcon import methods as methods_lib
 from detcon import metrics as metrics_lib
 from detcon import mock_data
 from detcon import preemption
@@ -88,7 +89,8 @@ def real_batches(config: ml_collections.ConfigDict, directory: str, start_step: 
         process_count=jax.process_count(), fh_mask_index=config.data.fh_mask_index,
         max_mask_id=config[config.method].get("max_mask_id", 256), seed=config.data.seed,
         start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
-        deterministic=config.data.deterministic)
+        deterministic=config.data.deterministic,
+        with_masks=methods_lib.get(config.method).needs_masks)
     index = _local_indices(local_devices, per_device)
     for batch in batches:
         dataset_fit.check_labels(batch["label"], config.model.num_classes)  # else NaN at step 1

@@ -224,3 +224,30 @@ def test_segments_beyond_max_mask_id_keep_every_pixel(tmp_path):
     for mask in ("fh_mask1", "fh_mask2"):
         for ids in small[mask][0].reshape(4, -1):
             assert np.unique(ids).size == ids.max() + 1
+
+
+def test_mask_free_batches_equal_the_masked_views_and_need_no_masks(tmp_path, dataset):
+    """with_masks=False (BYOL, SimCLR) gives the same views, and reads records without masks."""
+    masked = _batches(dataset, 2)
+    plain = _batches(dataset, 2, with_masks=False)
+    for a, b in zip(masked, plain, strict=True):
+        assert set(b) == {"view1", "view2", "label"}
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+    directory = str(tmp_path / "no_masks")
+    os.makedirs(directory)
+    rng = np.random.default_rng(1)
+    with fh_records.atomic_shard(
+        os.path.join(directory, shards.shard_name("train", 0, 1))
+    ) as writer:
+        for index in range(4):
+            example = schema.build_example(
+                jpeg=image_codec.encode_jpeg(rng.integers(0, 256, (_H, _W, 3), dtype=np.uint8)),
+                height=_H, width=_W, segmentations=np.zeros((1, _H, _W), np.int32),
+                filename=f"{index}.jpg", label=index + 1)
+            del example.features.feature[schema.FH_SEGMENTATIONS]
+            writer.write(example.SerializeToString())
+    (batch,) = _batches(directory, 1, with_masks=False, local_devices=1)
+    assert batch["view1"].shape == (1, 2, _S, _S, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="regenerate the shards"):
+        _batches(directory, 1, local_devices=1)

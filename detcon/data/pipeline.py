@@ -47,13 +47,16 @@ def _label(stored: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.where(stored > 0, stored - 1, -1), tf.int32)
 
 
-def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Returns `image` uint8 `[H, W, 3]`, `fh` int32 `[K, H, W]`, `label` int32 (-1: none)."""
+def decode_example(serialized: tf.Tensor, with_masks: bool = True) -> dict[str, tf.Tensor]:
+    """Returns `image` uint8 `[H, W, 3]`, `fh` int32 `[K, H, W]` (with_masks), `label` int32
+    (-1: none). Without masks, records need not hold any."""
     record = schema.parse_record(serialized)
     image = image_codec.decode_rgb(record["encoded"])
-    shape = tf.shape(image)
-    fh = schema.reshape_segmentations(record["fh_ids"], shape[0], shape[1])
-    return {"image": image, "fh": fh, "label": _label(record["label"])}
+    example = {"image": image, "label": _label(record["label"])}
+    if with_masks:
+        shape = tf.shape(image)
+        example["fh"] = schema.reshape_segmentations(record["fh_ids"], shape[0], shape[1])
+    return example
 
 
 def two_views(
@@ -69,7 +72,13 @@ def two_views(
     The views use independent crops and flips; each mask gets exactly its own view's geometry,
     then its segments are renumbered 0..K-1 (`views.reindex_segments`); `folded_segments` counts
     the segments of both views merged into id `max_mask_id - 1` because K > `max_mask_id`.
+    An example without `fh` (a method that needs no masks) gives the same views, without masks.
     """
+    if "fh" not in example:
+        seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+        return {"view1": views.random_image_view(example["image"], image_size, seed1),
+                "view2": views.random_image_view(example["image"], image_size, seed2),
+                "label": example["label"]}
     fh = example["fh"]
     check = tf.debugging.assert_less(
         fh_mask_index,
@@ -153,8 +162,11 @@ def pretrain_batches(
     deterministic: bool = False,
     shuffle_buffer: int = 10_000,
     num_parallel_calls: int | None = None,
+    with_masks: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
+
+    with_masks=False (methods that need none): no mask keys, and records need not hold masks.
 
     Keys: `view1`, `view2` float32 `[D, b, S, S, 3]` in [0, 1]; `fh_mask1`, `fh_mask2` int32
     `[D, b, S, S]` segment ids renumbered per view into [0, max_mask_id); `folded_segments` int32
@@ -205,7 +217,8 @@ def pretrain_batches(
 
     def make_pair(epoch: tf.Tensor, position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         key = tf.stack([tf.constant(stream_seed, tf.int64), epoch * (2**40) + position])
-        return two_views(decode_example(record), image_size, fh_mask_index, key, max_mask_id)
+        return two_views(decode_example(record, with_masks), image_size, fh_mask_index, key,
+                         max_mask_id)
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     dataset = (

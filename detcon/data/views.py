@@ -49,6 +49,14 @@ def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tens
     return tf.stack([top, left]), tf.stack([crop_height, crop_width])
 
 
+def crop_flip_resize_image(image: tf.Tensor, offset: tf.Tensor, size: tf.Tensor, flip: tf.Tensor,
+                           image_size: int) -> tf.Tensor:
+    """Returns float32 `[S, S, 3]`: the window `offset`, `size` of image `[H, W, 3]`, flipped."""
+    image = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], 3]))
+    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    return _resize_image(image, image_size)
+
+
 def crop_flip_resize(
     image: tf.Tensor,
     mask: tf.Tensor,
@@ -58,11 +66,9 @@ def crop_flip_resize(
     image_size: int,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns float32 `[S, S, 3]`, int32 `[S, S]`: a window of image `[H, W, 3]` and mask."""
-    image = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], 3]))
+    view = crop_flip_resize_image(image, offset, size, flip, image_size)
     mask = tf.slice(mask, offset, size)
-    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
     mask = tf.cond(flip, lambda: tf.reverse(mask, axis=[1]), lambda: mask)
-    view = _resize_image(image, image_size)
     view_mask = tf.image.resize(
         mask[..., None], [image_size, image_size], method=tf.image.ResizeMethod.NEAREST_NEIGHBOR
     )[..., 0]
@@ -92,14 +98,23 @@ def reindex_segments(mask: tf.Tensor, max_mask_id: int) -> tuple[tf.Tensor, tf.T
     return ids, tf.maximum(num_segments - max_mask_id, 0)
 
 
+def _random_geometry(image: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(offset, size, flip) of a random view of image `[H, W, 3]`, drawn from `seed`."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    offset, size = random_crop_window(tf.shape(image), crop_seed)
+    return offset, size, tf.random.stateless_uniform([], flip_seed) < 0.5
+
+
 def random_view(
     image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns a random view, float32 `[S, S, 3]` + int32 `[S, S]`, of image `[H, W, 3]`, mask."""
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    offset, size = random_crop_window(tf.shape(image), crop_seed)
-    flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-    return crop_flip_resize(image, mask, offset, size, flip, image_size)
+    return crop_flip_resize(image, mask, *_random_geometry(image, seed), image_size)
+
+
+def random_image_view(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tensor:
+    """random_view's image `[S, S, 3]` alone (same seed, same view), for methods without masks."""
+    return crop_flip_resize_image(image, *_random_geometry(image, seed), image_size)
 
 
 def centre_view(image: tf.Tensor, image_size: int) -> tf.Tensor:
