@@ -31,6 +31,7 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
         fh_mask_index=0,         # which FH scale of the record to use
         num_train_examples=IMAGENET_TRAIN_EXAMPLES,  # <= 0: read from the dataset directory
         shuffle_buffer=10_000,
+        crop_min_area=0.08,      # smallest random crop, fraction of the image (MoCo family: 0.2)
         seed=0,
     ))
     c.optim = ml_collections.ConfigDict(dict(

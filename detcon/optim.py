@@ -1,4 +1,4 @@
-"""LARS from optax, the learning-rate and target-EMA schedules of BYOL/DetCon, and the
+"""LARS and MoCo's SGD from optax, the learning-rate and target-EMA schedules of BYOL/DetCon, and the
 optimiser a config asks for."""
 import functools
 from typing import Any, Union
@@ -51,6 +51,14 @@ def lars(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1
                       trust_ratio_mask=lars_mask, momentum=momentum)
 
 
+def sgd(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1e-4,
+        momentum: float = 0.9) -> optax.GradientTransformation:
+    """torch.optim.SGD as MoCo uses it: g + wd * p on every parameter, then heavy-ball momentum
+    (buffer starts at the first gradient, no dampening, no Nesterov), then -lr."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum, nesterov=False))
+
+
 def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
     """Warm-up length in steps: config.optim.warmup_fraction of the run."""
     return int(round(config.optim.warmup_fraction * total_steps))
@@ -72,5 +80,8 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
         return lars(schedule, weight_decay=config.optim.weight_decay,
                     trust_coefficient=config.optim.trust_coefficient,
                     momentum=config.optim.momentum)
-    raise ValueError(f"config.optim.name={config.optim.name!r} is not an optimiser; available: "
-                     "'lars'.")
+    if config.optim.name == "sgd":
+        return sgd(schedule, weight_decay=config.optim.weight_decay,
+                   momentum=config.optim.momentum)
+    raise ValueError(f"--config.optim.name={config.optim.name!r} is not an optimiser; choose "
+                     "'lars' or 'sgd'.")

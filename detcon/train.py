@@ -78,7 +78,8 @@ def real_batches(config: ml_collections.ConfigDict, directory: str, start_step: 
         directory, image_size=config.data.image_size, local_devices=local_devices,
         per_device_batch=per_device, process_index=jax.process_index(),
         process_count=jax.process_count(), fh_mask_index=config.data.fh_mask_index,
-        seed=config.data.seed, start_step=start_step, shuffle_buffer=config.data.shuffle_buffer)
+        seed=config.data.seed, start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
+        crop_min_area=config.data.crop_min_area)
     index = _local_indices(local_devices, per_device)
     for batch in batches:
         batch["index"] = index

@@ -57,7 +57,11 @@ def decode_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def two_views(
-    example: dict[str, tf.Tensor], image_size: int, fh_mask_index: int, seed: tf.Tensor
+    example: dict[str, tf.Tensor],
+    image_size: int,
+    fh_mask_index: int,
+    seed: tf.Tensor,
+    crop_min_area: float = views.CROP_AREA_RANGE[0],
 ) -> dict[str, tf.Tensor]:
     """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`, `label`.
 
@@ -73,8 +77,8 @@ def two_views(
     with tf.control_dependencies([check]):
         mask = fh[fh_mask_index]
     seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    view1, mask1 = views.random_view(example["image"], mask, image_size, seed1)
-    view2, mask2 = views.random_view(example["image"], mask, image_size, seed2)
+    view1, mask1 = views.random_view(example["image"], mask, image_size, seed1, crop_min_area)
+    view2, mask2 = views.random_view(example["image"], mask, image_size, seed2, crop_min_area)
     return {
         "view1": view1,
         "view2": view2,
@@ -142,8 +146,11 @@ def pretrain_batches(
     deterministic: bool = False,
     shuffle_buffer: int = 10_000,
     num_parallel_calls: int | None = None,
+    crop_min_area: float = views.CROP_AREA_RANGE[0],
 ) -> Iterator[dict[str, np.ndarray]]:
     """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
+
+    `crop_min_area`: smallest crop as a fraction of the image (0.08 BYOL/DetCon, 0.2 MoCo v2).
 
     Keys: `view1`, `view2` float32 `[D, b, S, S, 3]` in [0, 1]; `fh_mask1`, `fh_mask2` int32
     `[D, b, S, S]` segment ids; `label` int32 `[D, b]` (0-based class, -1 for unlabelled).
@@ -192,7 +199,7 @@ def pretrain_batches(
 
     def make_pair(epoch: tf.Tensor, position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         key = tf.stack([tf.constant(stream_seed, tf.int64), epoch * (2**40) + position])
-        return two_views(decode_example(record), image_size, fh_mask_index, key)
+        return two_views(decode_example(record), image_size, fh_mask_index, key, crop_min_area)
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     dataset = (

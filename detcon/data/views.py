@@ -18,8 +18,10 @@ def _resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
 
 
-def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns (offset [y, x], size [h, w]) of a random crop: area 8-100%, aspect 3/4-4/3."""
+def random_crop_window(
+    image_shape: tf.Tensor, seed: tf.Tensor, min_area: float = CROP_AREA_RANGE[0]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns (offset [y, x], size [h, w]) of a random crop: area min_area-100%, aspect 3/4-4/3."""
     whole_image = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         image_shape,
@@ -27,7 +29,7 @@ def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tens
         seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=CROP_ASPECT_RANGE,
-        area_range=CROP_AREA_RANGE,
+        area_range=(min_area, CROP_AREA_RANGE[1]),
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
@@ -56,11 +58,15 @@ def crop_flip_resize(
 
 
 def random_view(
-    image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    image_size: int,
+    seed: tf.Tensor,
+    min_area: float = CROP_AREA_RANGE[0],
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns a random view, float32 `[S, S, 3]` + int32 `[S, S]`, of image `[H, W, 3]`, mask."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    offset, size = random_crop_window(tf.shape(image), crop_seed)
+    offset, size = random_crop_window(tf.shape(image), crop_seed, min_area)
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5
     return crop_flip_resize(image, mask, offset, size, flip, image_size)
 
