@@ -75,6 +75,16 @@ def test_crop_windows_respect_area_and_aspect_ranges():
     assert areas.min() < 0.3 and areas.max() > 0.7  # the range is actually used
 
 
+def test_crop_min_area_raises_the_smallest_crop():
+    areas = []
+    for seed in range(100):
+        _, size = views.random_crop_window(
+            tf.constant([120, 160, 3]), tf.constant([seed, 0], tf.int64), min_area=0.2
+        )
+        areas.append(size.numpy().prod() / (120 * 160))
+    assert 0.19 <= min(areas) < 0.35 and max(areas) <= 1.0  # MoCo v2's 0.2-1, and used
+
+
 def test_centre_view_crops_the_centre_of_the_resized_image():
     image = np.zeros((40, 80, 3), np.uint8)
     image[:, 36:44] = 255  # a white stripe through the centre

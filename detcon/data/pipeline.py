@@ -164,6 +164,11 @@ def pretrain_batches(
             f"start_step >= 0; got {image_size}, {local_devices}, {per_device_batch}, "
             f"{shuffle_buffer}, {start_step}"
         )
+    if not 0.0 < crop_min_area <= 1.0:
+        raise ValueError(
+            f"--config.data.crop_min_area={crop_min_area} must be in (0, 1] (a fraction of the "
+            "image area; 0.08 for BYOL/DetCon, 0.2 for MoCo v2)"
+        )
     paths = list_shards(dataset_directory, split)
     files, example_level = split_for_process(paths, process_index, process_count)
     if not any(tf.io.gfile.stat(p).length for p in files):
@@ -232,6 +237,11 @@ def eval_batches(
     them out of metrics), and every process yields the same number of batches, so multi-host
     evaluation never waits on a process that ran out.
     """
+    if not 0.0 < crop_min_area <= 1.0:
+        raise ValueError(
+            f"--config.data.crop_min_area={crop_min_area} must be in (0, 1] (a fraction of the "
+            "image area; 0.08 for BYOL/DetCon, 0.2 for MoCo v2)"
+        )
     paths = list_shards(dataset_directory, split)
     files, example_level = split_for_process(paths, process_index, process_count)
     counts = [shards.count_records(p) for p in paths]
