@@ -1,5 +1,5 @@
-"""LARS and MoCo's SGD from optax, the learning-rate and target-EMA schedules of BYOL/DetCon, and the
-optimiser a config asks for."""
+"""LARS and MoCo's SGD from optax, the learning-rate and target-EMA schedules of BYOL/DetCon,
+and the optimiser a config asks for."""
 import functools
 from typing import Any, Union
 

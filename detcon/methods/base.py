@@ -100,7 +100,7 @@ class Method(abc.ABC):
     def target_forward(self, network: hk.TransformedWithState, params: hk.Params,
                        state: hk.State, views: Sequence[Any], step_key: jax.Array,
                        axis_name: Optional[str]) -> Forward:
-        """The target network on every view, BatchNorm in training mode (as BYOL and MoCo)."""
+        """The target network on each of `views` (target_views), BatchNorm in training mode."""
         del step_key, axis_name
         return forward_views(network, params, state, views, self.config.model.one_pass_views,
                              is_training=True, online=False)
