@@ -31,6 +31,7 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
         num_train_examples=-1,   # <= 0: the dataset's count (ImageNet train: 1,281,167)
         deterministic=False,     # True: identical losses on re-runs, at some input throughput
         shuffle_buffer=10_000,
+        crop_min_area=0.08,      # smallest random crop, fraction of the image (MoCo family: 0.2)
         seed=0,
     ))
     c.optim = ml_collections.ConfigDict(dict(

@@ -54,6 +54,10 @@ VIEW2 = AugmentConfig(blur_prob=0.1, solarize_prob=0.2)
 # alike, jitter 0.8/0.8/0.8/0.2 with p 0.8, grayscale 0.2, blur p 0.5, no solarisation.
 SIMCLR_VIEW = AugmentConfig(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                             blur_prob=0.5, solarize_prob=0.0)
+# MoCo v2 (facebookresearch/moco main_moco.py --aug-plus; also DenseCL's and DetCo's pipelines):
+# both views alike, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur p 0.5, no solarisation.
+MOCO_V2_VIEW = AugmentConfig(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                             blur_prob=0.5, solarize_prob=0.0)
 
 
 class AugmentParams(NamedTuple):

@@ -23,6 +23,13 @@ def bn_config(axis_name: Optional[str], decay_rate: float = 0.9, eps: float = 1e
                 cross_replica_axis=axis_name)
 
 
+def stage_channels(depth: int, width_multiplier: int = 1) -> tuple[int, int, int, int]:
+    """Output channels of the four block groups (res2..res5), e.g. ResNet-50: 256 ... 2048."""
+    _, bottleneck = RESNET_DEPTHS[depth]
+    channels = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
+    return tuple(width_multiplier * c for c in channels)
+
+
 def resnet_name(depth: int) -> str:
     """Haiku module name of the torso, e.g. 'res_net50' (matches the released checkpoints)."""
     return f"res_net{depth}"
@@ -39,7 +46,7 @@ class ResNetTorso(hk.Module):
             raise ValueError(f"width_multiplier must be in 1..4, got {width_multiplier}.")
         super().__init__(name=name or resnet_name(depth))
         blocks, bottleneck = RESNET_DEPTHS[depth]
-        channels = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
+        channels = stage_channels(depth)
         cfg = bn_config(axis_name, decay_rate=bn_decay_rate)
         self._initial_conv = hk.Conv2D(64 * width_multiplier, kernel_shape=7, stride=2,
                                        with_bias=False, padding="SAME", name="initial_conv")
@@ -53,14 +60,18 @@ class ResNetTorso(hk.Module):
             for i in range(4)
         ]
 
-    def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
-        """Returns the stride-32 feature map [N, h, w, C]."""
+    def __call__(self, x: jax.Array, is_training: bool, return_stages: bool = False
+                 ) -> jax.Array | tuple[jax.Array, ...]:
+        """The stride-32 feature map [N, h, w, C], or with return_stages the outputs of all four
+        block groups (res2..res5, strides 4, 8, 16, 32) from the same pass and parameters."""
         x = self._initial_conv(x)
         x = jax.nn.relu(self._initial_bn(x, is_training=is_training))
         x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
+        stages = []
         for group in self._groups:
             x = group(x, is_training, False)
-        return x
+            stages.append(x)
+        return tuple(stages) if return_stages else x
 
 
 class MLP(hk.Module):
@@ -89,6 +100,23 @@ class MLP(hk.Module):
             final = dict(self._bn, create_offset=False)
             x = hk.BatchNorm(name="final_batch_norm", **final)(x, is_training=is_training)
         return x.reshape(lead + (self._output_size,))
+
+
+class ReluMLP(hk.Module):
+    """MoCo v2 / DenseCL / DetCo head: Linear(hidden) -> ReLU -> Linear(out), biases, no BatchNorm.
+
+    Acts on the last axis, so on a feature map [N, h, w, C] it is the 1x1-conv head of DenseCL.
+    """
+
+    def __init__(self, hidden_size: int, output_size: int, name: Optional[str] = None):
+        super().__init__(name=name)
+        self._hidden_size = hidden_size
+        self._output_size = output_size
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D_in] -> [..., output_size]."""
+        x = jax.nn.relu(hk.Linear(self._hidden_size, with_bias=True)(x))
+        return hk.Linear(self._output_size, with_bias=True)(x)
 
 
 class LinearClassifier(hk.Module):

@@ -1,5 +1,5 @@
-"""LARS as an optax chain, the learning-rate and target-EMA schedules of BYOL/DetCon, and the
-optimiser a config asks for."""
+"""LARS as an optax chain and MoCo's SGD, the learning-rate and target-EMA schedules of
+BYOL/DetCon, and the optimiser a config asks for."""
 import functools
 from typing import Any, Union
 
@@ -74,6 +74,14 @@ def lars(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1
 WARMUP_RULES = ("released", "epochs", "fraction")
 
 
+def sgd(learning_rate: Union[float, optax.Schedule], *, weight_decay: float = 1e-4,
+        momentum: float = 0.9) -> optax.GradientTransformation:
+    """torch.optim.SGD as MoCo uses it: g + wd * p on every parameter, then heavy-ball momentum
+    (buffer starts at the first gradient, no dampening, no Nesterov), then -lr."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum, nesterov=False))
+
+
 def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
     """Warm-up length in steps by config.optim.warmup_rule.
 
@@ -113,5 +121,8 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
         return lars(schedule, weight_decay=config.optim.weight_decay,
                     trust_coefficient=config.optim.trust_coefficient,
                     momentum=config.optim.momentum)
-    raise ValueError(f"config.optim.name={config.optim.name!r} is not an optimiser; available: "
-                     "'lars'.")
+    if config.optim.name == "sgd":
+        return sgd(schedule, weight_decay=config.optim.weight_decay,
+                   momentum=config.optim.momentum)
+    raise ValueError(f"--config.optim.name={config.optim.name!r} is not an optimiser; choose "
+                     "'lars' or 'sgd'.")

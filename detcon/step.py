@@ -47,15 +47,17 @@ def make_update_step(method: methods_lib.Method, network: hk.TransformedWithStat
         # e.g. MoCo's batch shuffle.
         step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 2**31 - 1)
 
+        online_views = tuple(views[v] for v in method.online_views)
         target_outputs, target_state = None, state.target_state
         if method.has_target:
             forward = method.target_forward(network, state.target_params, state.target_state,
-                                            views, step_key, axis_name)
+                                            tuple(views[v] for v in method.target_views),
+                                            step_key, axis_name)
             target_outputs = jax.lax.stop_gradient(forward.outputs)
             target_state = forward.state
 
         def loss_fn(params: hk.Params):
-            online = methods_lib.forward_views(network, params, state.online_state, views,
+            online = methods_lib.forward_views(network, params, state.online_state, online_views,
                                                method.config.model.one_pass_views,
                                                is_training=True, online=True)
             objective, aux = method.loss(online.outputs, target_outputs, views, state.extra,
@@ -68,6 +70,7 @@ def make_update_step(method: methods_lib.Method, network: hk.TransformedWithStat
 
         (loss, (online_state, online_outputs, aux)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.online_params)
+        online_state = method.sync_online_state(online_state, axis_name)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.online_params)

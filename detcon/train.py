@@ -90,7 +90,8 @@ def real_batches(config: ml_collections.ConfigDict, directory: str, start_step: 
         max_mask_id=config[config.method].get("max_mask_id", 256), seed=config.data.seed,
         start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
         deterministic=config.data.deterministic,
-        with_masks=methods_lib.get(config.method).needs_masks)
+        with_masks=methods_lib.get(config.method).needs_masks,
+        crop_min_area=config.data.crop_min_area)
     index = _local_indices(local_devices, per_device)
     for batch in batches:
         dataset_fit.check_labels(batch["label"], config.model.num_classes)  # else NaN at step 1

@@ -25,11 +25,12 @@ def load_config(name: str):
 
 
 def shrink_heads(c) -> None:
-    """Cuts the method's head sizes (and sampled masks) of config `c` to CPU-test sizes."""
+    """Cuts the method's head sizes, sampled masks, queues and patches of config `c` to CPU-test
+    sizes (queues of 64 hold whole batches of 8, 16, 32 or 64)."""
     settings = c[c.method]
     for field, size in (("projector_hidden_size", 64), ("predictor_hidden_size", 64),
                         ("projector_output_size", 32), ("dense_hidden_size", 64),
-                        ("num_samples", 4)):
+                        ("num_samples", 4), ("queue_size", 64), ("patch_size", 32)):
         if field in settings and settings[field] > 0:
             settings[field] = size
 

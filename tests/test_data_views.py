@@ -114,6 +114,16 @@ def test_crop_window_of_a_tiny_image_stays_inside_it():
     assert (sizes >= 1).all() and (offsets >= 0).all() and (offsets + sizes <= [2, 3]).all()
 
 
+def test_crop_min_area_raises_the_smallest_crop():
+    areas = []
+    for seed in range(100):
+        _, size = views.random_crop_window(
+            tf.constant([120, 160, 3]), tf.constant([seed, 0], tf.int64), min_area=0.2
+        )
+        areas.append(size.numpy().prod() / (120 * 160))
+    assert 0.19 <= min(areas) < 0.35 and max(areas) <= 1.0  # MoCo v2's 0.2-1, and used
+
+
 def test_centre_view_crops_the_centre_of_the_resized_image():
     image = np.zeros((40, 80, 3), np.uint8)
     image[:, 36:44] = 255  # a white stripe through the centre

@@ -123,6 +123,66 @@ def test_lars_with_a_constant_rate_scales_the_trace():
     np.testing.assert_allclose(second["linear"]["b"], [-0.15, 0.3], rtol=1e-6)  # -0.1 (g + 0.5 g)
 
 
+def _torch_sgd_reference(params: dict, grads_per_step: list, lrs: list, weight_decay: float,
+                         momentum: float) -> list:
+    """Parameters after each step of torch.optim.SGD (dampening 0, no Nesterov), transcribed:
+    d_p = g + wd * p; buf = d_p at the first step, else momentum * buf + d_p; p -= lr * buf."""
+    params = {m: {n: np.asarray(v, np.float64) for n, v in d.items()} for m, d in params.items()}
+    buffers, history = {}, []
+    for lr, grads in zip(lrs, grads_per_step):
+        for module, leaves in params.items():
+            for name, p in leaves.items():
+                d_p = np.asarray(grads[module][name], np.float64) + weight_decay * p
+                key = (module, name)
+                buffers[key] = d_p if key not in buffers else momentum * buffers[key] + d_p
+                leaves[name] = p - lr * buffers[key]
+        history.append({m: dict(d) for m, d in params.items()})
+    return history
+
+
+def test_sgd_matches_torch_sgd_with_weight_decay_on_every_parameter():
+    rng = np.random.default_rng(2)
+    params = _haiku_params(rng)
+    grads_per_step = [jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                                             params) for _ in range(4)]
+    lrs = [0.3, 0.2, 0.1, 0.05]
+    # A large decay so that its effect on biases and BatchNorm leaves (MoCo decays all) shows.
+    weight_decay, momentum = 0.1, 0.9
+    expected = _torch_sgd_reference(params, grads_per_step, lrs, weight_decay, momentum)
+    optimizer = optim.sgd(lambda count: jnp.asarray(lrs)[count], weight_decay=weight_decay,
+                          momentum=momentum)
+    current = jax.tree_util.tree_map(jnp.asarray, params)
+    opt_state = optimizer.init(current)
+    for step, grads in enumerate(grads_per_step):
+        updates, opt_state = jax.jit(optimizer.update)(grads, opt_state, current)
+        current = optax.apply_updates(current, updates)
+        for module, leaves in expected[step].items():
+            for name, want in leaves.items():
+                np.testing.assert_allclose(np.asarray(current[module][name]), want, rtol=1e-5,
+                                           atol=1e-6, err_msg=f"{step} {module}/{name}")
+    # Decay reached the BatchNorm offset: without it the result would differ.
+    no_decay = _torch_sgd_reference(params, grads_per_step, lrs, 0.0, momentum)
+    assert np.abs(no_decay[-1]["batch_norm"]["offset"]
+                  - expected[-1]["batch_norm"]["offset"]).max() > 1e-3
+
+
+def test_make_optimizer_builds_sgd_and_names_the_choices():
+    import ml_collections
+    config = ml_collections.ConfigDict(dict(
+        optim=dict(name="sgd", base_learning_rate=0.03, warmup_fraction=0.0, weight_decay=1e-4,
+                   momentum=0.9, trust_coefficient=1e-3),
+        training=dict(batch_size=512)))
+    optimizer = optim.make_optimizer(config, 100)
+    params = {"linear": {"w": jnp.ones((2,))}}
+    updates, _ = optimizer.update({"linear": {"w": jnp.zeros((2,))}}, optimizer.init(params),
+                                  params)
+    # Step 0, no warm-up: lr 0.03 * 512 / 256 on the decay term alone.
+    np.testing.assert_allclose(updates["linear"]["w"], -0.06 * 1e-4, rtol=1e-5)
+    config.optim.name = "adam"
+    with pytest.raises(ValueError, match="--config.optim.name='adam'.*'lars' or 'sgd'"):
+        optim.make_optimizer(config, 100)
+
+
 def test_lars_accepts_a_schedule():
     params = {"linear": {"b": jnp.ones((2,))}}
     grads = {"linear": {"b": jnp.array([1.0, -2.0])}}

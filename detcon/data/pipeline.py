@@ -65,6 +65,7 @@ def two_views(
     fh_mask_index: int,
     seed: tf.Tensor,
     max_mask_id: int = 256,
+    crop_min_area: float = views.CROP_AREA_RANGE[0],
 ) -> dict[str, tf.Tensor]:
     """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`,
     `folded_segments` int32 and `label`.
@@ -76,8 +77,10 @@ def two_views(
     """
     if "fh" not in example:
         seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-        return {"view1": views.random_image_view(example["image"], image_size, seed1),
-                "view2": views.random_image_view(example["image"], image_size, seed2),
+        return {"view1": views.random_image_view(example["image"], image_size, seed1,
+                                                 crop_min_area),
+                "view2": views.random_image_view(example["image"], image_size, seed2,
+                                                 crop_min_area),
                 "label": example["label"]}
     fh = example["fh"]
     check = tf.debugging.assert_less(
@@ -89,8 +92,8 @@ def two_views(
     with tf.control_dependencies([check]):
         mask = fh[fh_mask_index]
     seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    view1, mask1 = views.random_view(example["image"], mask, image_size, seed1)
-    view2, mask2 = views.random_view(example["image"], mask, image_size, seed2)
+    view1, mask1 = views.random_view(example["image"], mask, image_size, seed1, crop_min_area)
+    view2, mask2 = views.random_view(example["image"], mask, image_size, seed2, crop_min_area)
     mask1, folded1 = views.reindex_segments(mask1, max_mask_id)
     mask2, folded2 = views.reindex_segments(mask2, max_mask_id)
     return {
@@ -163,10 +166,12 @@ def pretrain_batches(
     shuffle_buffer: int = 10_000,
     num_parallel_calls: int | None = None,
     with_masks: bool = True,
+    crop_min_area: float = views.CROP_AREA_RANGE[0],
 ) -> Iterator[dict[str, np.ndarray]]:
     """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
 
     with_masks=False (methods that need none): no mask keys, and records need not hold masks.
+    crop_min_area: smallest crop as a fraction of the image (0.08 BYOL/DetCon, 0.2 MoCo v2).
 
     Keys: `view1`, `view2` float32 `[D, b, S, S, 3]` in [0, 1]; `fh_mask1`, `fh_mask2` int32
     `[D, b, S, S]` segment ids renumbered per view into [0, max_mask_id); `folded_segments` int32
@@ -218,7 +223,7 @@ def pretrain_batches(
     def make_pair(epoch: tf.Tensor, position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         key = tf.stack([tf.constant(stream_seed, tf.int64), epoch * (2**40) + position])
         return two_views(decode_example(record, with_masks), image_size, fh_mask_index, key,
-                         max_mask_id)
+                         max_mask_id, crop_min_area)
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     dataset = (

@@ -20,10 +20,12 @@ def _resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(resized / 255.0, 0.0, 1.0)
 
 
-def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def random_crop_window(
+    image_shape: tf.Tensor, seed: tf.Tensor, min_area: float = CROP_AREA_RANGE[0]
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns int32 (offset [y, x], size [h, w]) of a random crop: the released DetCon formula.
 
-    Target area U(0.08, 1) of the image, aspect ratio w/h log-uniform in [3/4, 4/3], sides rounded
+    Target area U(min_area, 1) of the image (0.08 by default; MoCo v2 uses 0.2), aspect ratio w/h log-uniform in [3/4, 4/3], sides rounded
     and clamped to the image, offsets uniform over the valid positions.  Unlike
     tf.image.sample_distorted_bounding_box it never rejects a draw, so large crops keep their
     share (mean area 52% on a 500 x 375 image, against 36% for the rejection sampler).
@@ -32,8 +34,10 @@ def random_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tens
     area_seed, ratio_seed, y_seed, x_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=4)
     )
+    if not 0.0 < min_area <= CROP_AREA_RANGE[1]:
+        raise ValueError(f"crop_min_area must be in (0, 1], got {min_area}.")
     area = tf.cast(height * width, tf.float32) * tf.random.stateless_uniform(
-        [], area_seed, *CROP_AREA_RANGE
+        [], area_seed, min_area, CROP_AREA_RANGE[1]
     )
     log_low, log_high = (math.log(r) for r in CROP_ASPECT_RANGE)
     ratio = tf.exp(tf.random.stateless_uniform([], ratio_seed, log_low, log_high))
@@ -98,23 +102,26 @@ def reindex_segments(mask: tf.Tensor, max_mask_id: int) -> tuple[tf.Tensor, tf.T
     return ids, tf.maximum(num_segments - max_mask_id, 0)
 
 
-def _random_geometry(image: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _random_geometry(image: tf.Tensor, seed: tf.Tensor, min_area: float
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(offset, size, flip) of a random view of image `[H, W, 3]`, drawn from `seed`."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    offset, size = random_crop_window(tf.shape(image), crop_seed)
+    offset, size = random_crop_window(tf.shape(image), crop_seed, min_area)
     return offset, size, tf.random.stateless_uniform([], flip_seed) < 0.5
 
 
 def random_view(
-    image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor
+    image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor,
+    min_area: float = CROP_AREA_RANGE[0],
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns a random view, float32 `[S, S, 3]` + int32 `[S, S]`, of image `[H, W, 3]`, mask."""
-    return crop_flip_resize(image, mask, *_random_geometry(image, seed), image_size)
+    return crop_flip_resize(image, mask, *_random_geometry(image, seed, min_area), image_size)
 
 
-def random_image_view(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tensor:
+def random_image_view(image: tf.Tensor, image_size: int, seed: tf.Tensor,
+                      min_area: float = CROP_AREA_RANGE[0]) -> tf.Tensor:
     """random_view's image `[S, S, 3]` alone (same seed, same view), for methods without masks."""
-    return crop_flip_resize_image(image, *_random_geometry(image, seed), image_size)
+    return crop_flip_resize_image(image, *_random_geometry(image, seed, min_area), image_size)
 
 
 def centre_view(image: tf.Tensor, image_size: int) -> tf.Tensor:

@@ -11,3 +11,6 @@ from detcon.methods import detcon_b  # noqa: F401,E402  pylint: disable=g-import
 from detcon.methods import byol  # noqa: F401,E402
 from detcon.methods import detcon_s  # noqa: F401,E402
 from detcon.methods import simclr  # noqa: F401,E402
+from detcon.methods import moco  # noqa: F401,E402
+from detcon.methods import densecl  # noqa: F401,E402
+from detcon.methods import detco  # noqa: F401,E402

@@ -35,6 +35,10 @@ class Method(abc.ABC):
     target_init: ClassVar[str] = "copy"  # "copy": target = online at init; "own_key": own draw
     console_metrics: ClassVar[tuple[str, ...]] = ()  # shown on the console besides loss and top1
     keys_per_view: ClassVar[int] = 1     # per-example PRNG keys each view's inputs use
+    # Which views each network encodes: both by default; MoCo's asymmetric loss encodes view 0
+    # with the online (query) network only and view 1 with the target (key) network only.
+    online_views: ClassVar[tuple[int, ...]] = (0, 1)
+    target_views: ClassVar[tuple[int, ...]] = (0, 1)
 
     def __init__(self, config: ml_collections.ConfigDict, total_steps: int):
         self.config = config
@@ -69,7 +73,8 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def loss(self, online: Sequence[Any], target: Optional[Sequence[Any]], views: Sequence[Any],
              extra: Any, axis_name: Optional[str]) -> tuple[jax.Array, Metrics]:
-        """(scalar loss, metrics) from per-view online outputs and stop-gradient target outputs."""
+        """(scalar loss, metrics) from the online outputs of `online_views` and the stop-gradient
+        target outputs of `target_views` (one per view, in that order); `views` holds all inputs."""
 
     # ------------------------------------------------------------------------ target and extra
 
@@ -87,10 +92,15 @@ class Method(abc.ABC):
         del online, target, step_key, axis_name
         return extra
 
+    def sync_online_state(self, state: hk.State, axis_name: Optional[str]) -> hk.State:
+        """The online BatchNorm averages to keep; unchanged (cross-replica BN is already equal)."""
+        del axis_name
+        return state
+
     def target_forward(self, network: hk.TransformedWithState, params: hk.Params,
                        state: hk.State, views: Sequence[Any], step_key: jax.Array,
                        axis_name: Optional[str]) -> Forward:
-        """The target network on every view, BatchNorm in training mode (as BYOL and MoCo)."""
+        """The target network on each of `views` (target_views), BatchNorm in training mode."""
         del step_key, axis_name
         return forward_views(network, params, state, views, self.config.model.one_pass_views,
                              is_training=True, online=False)
@@ -100,11 +110,11 @@ class Method(abc.ABC):
     def flops_per_image(self, torso_forward_flops: float) -> float:
         """Model FLOPs per image of one step, from the torso's forward FLOPs at this image size.
 
-        Two views, each through the online network forward and backward (3 forward-equivalents),
-        plus a target forward per view when there is one; heads are small and left out.
+        Each online view forward and backward (3 forward-equivalents), plus a forward per target
+        view when there is a target network; heads are small and left out.
         """
-        per_view = 3.0 + (1.0 if self.has_target else 0.0)
-        return 2.0 * per_view * torso_forward_flops
+        target = len(self.target_views) if self.has_target else 0
+        return (3.0 * len(self.online_views) + target) * torso_forward_flops
 
 
 def forward_views(network: hk.TransformedWithState, params: hk.Params, state: hk.State,
