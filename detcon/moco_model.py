@@ -57,11 +57,12 @@ def make_network(model: ml_collections.ConfigDict, heads: MocoHeads, axis_name: 
     precision = model.precision
     precision_lib.check_precision(precision)
     depth, width = model.depth, model.width_multiplier
+    norm_dtype = jnp.bfloat16 if precision == "bfloat16" and model.bf16_batch_norm else jnp.float32
 
     def forward(view: NamedTuple, is_training: bool, online: bool = True,
                 num_views: int = 1) -> MocoOutputs:
         del online
-        with precision_lib.policies(precision), networks.per_view_batch_norm(num_views):
+        with precision_lib.policies(precision), networks.batch_norm_mode(num_views, norm_dtype):
             torso = networks.ResNetTorso(depth, width, axis_name, bn_decay_rate=model.bn_decay_rate)
             stages = torso(view.images, is_training=is_training, return_stages=True)
             fmap = stages[-1]

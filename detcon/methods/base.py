@@ -121,7 +121,7 @@ def forward_views(network: hk.TransformedWithState, params: hk.Params, state: hk
                   views: Sequence[Any], one_pass: bool = True, **kwargs: Any) -> Forward:
     """Applies `network` to every view with BatchNorm statistics per view.
 
-    one_pass: the views go through as one stacked batch (networks.per_view_batch_norm keeps the
+    one_pass: the views go through as one stacked batch (networks.batch_norm_mode keeps the
     statistics per view), else one apply per view, threading the state; both give equal results.
     """
     if one_pass and len(views) > 1:
