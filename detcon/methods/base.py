@@ -142,3 +142,11 @@ def feature_std(x: jax.Array) -> jax.Array:
     """Mean over dims of the std over rows of L2-normalised features [..., D] (collapse check)."""
     x = losses.l2_normalize(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
     return jnp.mean(jnp.std(x, axis=0))
+
+
+def mean_over_devices(state: hk.State, axis_name: str) -> hk.State:
+    """BatchNorm state averaged over `axis_name`; integer leaves (EMA counters, equal on every
+    device) keep their value and dtype, so the state's types stay those it was compiled for."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        state)

@@ -85,7 +85,7 @@ class MoCoV2(base.Method):
     def sync_online_state(self, state: hk.State, axis_name: Optional[str]) -> hk.State:
         if axis_name is None or self.settings.query_batch_norm == "cross_replica":
             return state
-        return jax.lax.pmean(state, axis_name)
+        return base.mean_over_devices(state, axis_name)
 
     def target_forward(self, network: hk.TransformedWithState, params: hk.Params,
                        state: hk.State, views: Sequence[Any], step_key: jax.Array,
@@ -104,7 +104,7 @@ class MoCoV2(base.Method):
                                        shuffle_bn.shuffle(view, perm, axis_name),
                                        is_training=True, online=False)
         return base.Forward((shuffle_bn.unshuffle(out, perm, axis_name),),
-                            jax.lax.pmean(state, axis_name))
+                            base.mean_over_devices(state, axis_name))
 
     def target_decay(self, step: jax.Array) -> jax.Array:
         """MoCo's constant momentum (0.999)."""
