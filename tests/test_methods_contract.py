@@ -159,3 +159,22 @@ def test_resumed_run_equals_uninterrupted_and_exports(method, tmp_path, monkeypa
     torso = {k: v for k, v in params.items() if k.startswith("res_net10")}
     chex.assert_trees_all_close(loaded_params, torso)
     assert export.infer_torso_architecture(loaded_params) == (10, 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_step_returns_the_state_types_it_takes_with_default_settings(method):
+    """With the recipe's own BatchNorm choices (shuffle BN, per-device), the pmapped step's new
+    state has the tree, shapes and dtypes of the old one, so step 2 reuses step 1's program."""
+    config = tiny_config(batch_size=8, method=method)
+    experiment = experiment_lib.build(config, TOTAL_STEPS)
+    state = jax.eval_shape(experiment.init_state, jax.random.PRNGKey(0))
+    devices = jax.devices()[:4]
+    per_device = lambda x: jax.ShapeDtypeStruct((len(devices),) + x.shape, x.dtype)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _batch(config, 0, 4).items()}
+    p_step = step_lib.pmap_update_step(experiment.update_step, devices=devices)
+    before = jax.tree_util.tree_map(per_device, state)
+    after, _ = jax.eval_shape(p_step, before, batch)
+    assert jax.tree_util.tree_structure(after) == jax.tree_util.tree_structure(before)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
+                            jax.tree_util.tree_leaves(after)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), jax.tree_util.keystr(path)

@@ -70,11 +70,9 @@ def _copy(workdir: str, tmp_path) -> str:
 
 def test_non_finite_state_is_never_saved(tmp_path):
     import jax
-    from detcon import model as model_lib, state as state_lib, step as step_lib
+    from detcon import experiment as experiment_lib
     config = _config(1)
-    state = state_lib.init_state(jax.random.PRNGKey(0), model_lib.make_network(config.model, None),
-                                 step_lib.make_optimizer(config, 1), image_size=64, num_samples=4,
-                                 max_mask_id=256)
+    state = experiment_lib.build(config, 1).init_state(jax.random.PRNGKey(0))
     module = sorted(state.online_state)[0]
     leaf = sorted(state.online_state[module])[0]
     poisoned = jax.tree_util.tree_map(np.asarray, state.online_state)
