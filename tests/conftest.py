@@ -12,6 +12,7 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import importlib  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,6 +23,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def load_config(name: str):
     """get_config() of the configs.<name> module."""
     return importlib.import_module(f"configs.{name}").get_config()
+
+
+def logged(workdir: str, key: str) -> list:
+    """The values of `key` in every line of <workdir>/metrics.jsonl, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)[key] for line in f]
 
 
 def shrink_heads(c) -> None:

@@ -1,7 +1,6 @@
 """Segmentation probe math: confusion matrix and IoU by hand, 255 ignored; the head learns."""
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from detcon.evaluation import segmentation as seg

@@ -94,7 +94,7 @@ def test_augmented_step_leaves_torso_frozen():
 @pytest.mark.slow  # trains one DetCon-B step on 8 devices first
 def test_checkpoint_torso_matches_training_network(tmp_path, records):
     """The evaluated torso of a trained checkpoint gives the training network's pooled features."""
-    from detcon import checkpoint as checkpoint_lib, model as model_lib, train, augment, masks
+    from detcon import checkpoint as checkpoint_lib, model as model_lib, train, augment
     config = tiny_config(batch_size=8, image_size=32)
     config.training.max_steps = 1
     train.run(config, str(tmp_path))

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import logged, tiny_config
 from detcon import checkpoint as checkpoint_lib
 from detcon import devices as devices_lib
 from detcon import experiment as experiment_lib
@@ -149,6 +149,8 @@ def test_resumed_run_equals_uninterrupted_and_exports(method, tmp_path, monkeypa
     b, _ = checkpoint_lib.restore(checkpoint_lib.make_manager(resumed, 5), template)
     assert int(a.step) == int(b.step) == 4
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+    assert logged(resumed, "step") == [1, 2, 3, 4]  # metrics of the lost step 3+ are not kept twice
+    np.testing.assert_allclose(logged(resumed, "loss"), logged(straight, "loss"), rtol=1e-5)
 
     params, net_state, saved = checkpoint_lib.load_network(resumed, "online")
     assert saved["method"] == method

@@ -10,7 +10,6 @@ from conftest import tiny_config
 from detcon import mock_data
 from detcon import experiment as experiment_lib
 from detcon import state as state_lib
-from detcon import step as step_lib
 
 TOTAL_STEPS = 100
 # The bf16 step's loss on a fixed batch and the same initial state lies within this relative

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, tiny_config
+from conftest import REPO, logged, tiny_config
 from detcon import checkpoint as checkpoint_lib
 from detcon import errors
 from detcon import export
@@ -32,13 +32,11 @@ def _config(max_steps: int, every: int = 2):
 
 
 def _steps(workdir) -> list[int]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["step"] for line in f]
+    return logged(workdir, "step")
 
 
 def _losses(workdir) -> list[float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+    return logged(workdir, "loss")
 
 
 def _saved_steps(workdir) -> list[int]:

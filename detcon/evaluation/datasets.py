@@ -51,7 +51,6 @@ def split_name(source: Source, train: bool) -> str:
 def _tfds_examples(source: Source, split: str, shuffle: bool, process_index: int,
                    process_count: int) -> tf.data.Dataset:
     """(image uint8 [H, W, 3], label int32) pairs of a TFDS split, this process's share."""
-    import tensorflow_datasets as tfds
     dataset = _tfds_builder(source).as_dataset(split=split, as_supervised=True,
                                                shuffle_files=shuffle)
     # Record-level sharding: every process gets a known share (range(index, total, count)).

@@ -12,7 +12,6 @@ import numpy as np
 
 from detcon.evaluation import datasets
 from detcon.evaluation import features as features_lib
-from detcon.evaluation import knn as knn_lib
 from detcon.evaluation import protocols
 
 Monitor = Callable[[dict, dict], dict[str, float]]
