@@ -94,6 +94,11 @@ def test_one_device_equals_four_devices_and_traces_once(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_falls_on_a_fixed_batch(method):
     config = _config(method)
+    if "queue_size" in config[method]:
+        # On one repeated batch the queue fills with the same images' keys, so each query's own
+        # earlier keys become its negatives: the objective rises towards log(K + 1) by design
+        # (measured: MoCo v2 1.3 -> 4.1, DetCo 5.3 -> 9.1 over 40 steps). Not a test of learning.
+        pytest.skip("queue methods: a fixed batch makes each image its own negative")
     config.optim.warmup_fraction = 0.0
     config.optim.base_learning_rate = 100.0 if config.optim.name == "lars" else 10.0
     experiment = experiment_lib.build(config, TOTAL_STEPS)
