@@ -33,6 +33,13 @@ KEY_BATCH_NORM = ("shuffle", "cross_replica")
 QUEUE_KEY_SEED = 0  # queues start from a fixed draw, independent of the run seed (as MoCo's randn)
 
 
+def average_over_devices(state: hk.State, axis_name: str) -> hk.State:
+    """BatchNorm state with its float averages pmean-ed; integer counters (equal) keep dtype."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        state)
+
+
 def moco_view(keys: jax.Array, images: jax.Array) -> model_lib.GlobalView:
     """MoCo v2's colour/blur augmentation of images [b, S, S, 3], keys [b, 1, 2], normalised."""
     views = augment.augment_batch(keys[:, 0], images, augment.MOCO_V2_VIEW)
@@ -85,7 +92,7 @@ class MoCoV2(base.Method):
     def sync_online_state(self, state: hk.State, axis_name: Optional[str]) -> hk.State:
         if axis_name is None or self.settings.query_batch_norm == "cross_replica":
             return state
-        return jax.lax.pmean(state, axis_name)
+        return average_over_devices(state, axis_name)
 
     def target_forward(self, network: hk.TransformedWithState, params: hk.Params,
                        state: hk.State, views: Sequence[Any], step_key: jax.Array,
@@ -104,7 +111,7 @@ class MoCoV2(base.Method):
                                        shuffle_bn.shuffle(view, perm, axis_name),
                                        is_training=True, online=False)
         return base.Forward((shuffle_bn.unshuffle(out, perm, axis_name),),
-                            jax.lax.pmean(state, axis_name))
+                            average_over_devices(state, axis_name))
 
     def target_decay(self, step: jax.Array) -> jax.Array:
         """MoCo's constant momentum (0.999)."""
