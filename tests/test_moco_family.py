@@ -303,3 +303,31 @@ def test_queues_restore_exactly_and_densecl_exports_for_detectron2(tmp_path):
     for k, v in expected.items():
         np.testing.assert_array_equal(model[k], v, err_msg=k)
     assert not any("dense_head" in k or "projector" in k for k in model)
+
+
+def test_official_batch_norm_keeps_state_dtypes_equal_on_devices_and_traces_once():
+    """Per-device query BN and shuffle BN: averages are made equal over devices, counters stay
+    integers, so the replicated state is one state and the step compiles once."""
+    config = tiny_config(method="moco_v2")
+    assert config.moco_v2.query_batch_norm == "per_device"
+    assert config.moco_v2.key_batch_norm == "shuffle"
+    experiment = experiment_lib.build(config, 100)
+    devices = jax.devices()[:4]
+    chex.clear_trace_counter()
+    p_step = step_lib.pmap_update_step(chex.assert_max_traces(experiment.update_step, n=1),
+                                       devices=devices)
+    init = experiment.init_state(jax.random.PRNGKey(0))
+    state = devices_lib.replicate(init, devices)
+    for t in range(2):
+        batch = mock_data.mock_batch(0, t, np.arange(8), config.data.image_size, 4)
+        state, metrics = p_step(state, devices_lib.shard(
+            {k: v.reshape((4, 2) + v.shape[1:]) for k, v in batch.items()}, devices))
+    assert np.isfinite(np.asarray(metrics["loss"])).all()
+    for before, after in zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(state)):
+        assert after.dtype == before.dtype
+    for tree in (state.online_state, state.target_state, state.extra):
+        for leaf in jax.tree_util.tree_leaves(tree):
+            leaf = np.asarray(leaf)
+            for d in range(1, 4):
+                np.testing.assert_allclose(leaf[d], leaf[0], rtol=1e-6, atol=1e-7)
+    chex.clear_trace_counter()
