@@ -62,3 +62,12 @@ def tiny_config(batch_size: int = 8, image_size: int = 64, method: str = "demo")
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's in-memory compilation caches after each test module, so a whole-suite run
+    does not hold every module's compiled steps at once (the persistent cache still serves them)."""
+    yield
+    import jax
+    jax.clear_caches()
