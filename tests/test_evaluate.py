@@ -94,7 +94,8 @@ def test_augmented_step_leaves_torso_frozen():
 @pytest.mark.slow  # trains one DetCon-B step on 8 devices first
 def test_checkpoint_torso_matches_training_network(tmp_path, records):
     """The evaluated torso of a trained checkpoint gives the training network's pooled features."""
-    from detcon import checkpoint as checkpoint_lib, model as model_lib, train, augment
+    from detcon import checkpoint as checkpoint_lib, experiment as experiment_lib, train, augment
+    from detcon import model as model_lib
     config = tiny_config(batch_size=8, image_size=32)
     config.training.max_steps = 1
     train.run(config, str(tmp_path))
@@ -103,10 +104,10 @@ def test_checkpoint_torso_matches_training_network(tmp_path, records):
     assert all(k.startswith("res_net10") for k in torso.params)
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3)))
     got = features.Extractor(torso)(images.reshape(8, 1, 32, 32, 3))
-    network = model_lib.make_network(config.model, None)
-    masks_in = np.ones((8, 1, 1), np.float32)
-    outputs, _ = network.apply(params, state, None, augment.normalize(images), masks_in,
-                               np.zeros((8, 1), np.int32), is_training=False)
+    network = experiment_lib.build(config, 1, axis_name=None).network
+    view = model_lib.MaskedView(augment.normalize(images), np.ones((8, 1, 1), np.float32),
+                                np.zeros((8, 1), np.int32))
+    outputs, _ = network.apply(params, state, None, view, is_training=False)
     np.testing.assert_allclose(got, np.asarray(outputs.features), rtol=1e-4, atol=1e-5)
 
     output = str(tmp_path / "ckpt.json")
