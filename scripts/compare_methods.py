@@ -35,6 +35,9 @@ _WARMUP = flags.DEFINE_float("warmup_fraction", _DEFAULT.warmup_fraction,
                              "Linear warm-up, fraction of the steps (the same for all methods).")
 _QUEUE = flags.DEFINE_integer("queue_batches", _DEFAULT.queue_batches,
                               "MoCo-family queue length in batches.")
+_LR_SCALING = flags.DEFINE_enum(
+    "lr_batch_scaling", _DEFAULT.lr_batch_scaling, list(budget_lib.LR_BATCH_SCALINGS),
+    "Peak lr = recipe base x (1 none | sqrt(B/256) sqrt | B/256 linear), the same for all.")
 _SEED = flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed of the scenes, training and probes.")
 _SEG_SIZE = flags.DEFINE_integer("seg_image_size", 128,
                                  "Segmentation probe input side (multiple of 32).")
@@ -51,6 +54,7 @@ def main(argv: list[str]) -> None:
         budget = budget_lib.Budget(
             steps=_STEPS.value, batch_size=_BATCH.value, depth=_DEPTH.value,
             image_size=_IMAGE.value, warmup_fraction=_WARMUP.value, queue_batches=_QUEUE.value,
+            lr_batch_scaling=_LR_SCALING.value,
             seed=_SEED.value)
         methods = compare.check_methods(_METHODS.value)
     except ValueError as error:

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from detcon import methods as methods_lib
+from detcon import optim
 from detcon import train
 from detcon.data import scenes
 from detcon.data import scene_render
@@ -26,9 +27,11 @@ def test_every_method_gets_the_same_budget_and_keeps_its_recipe():
         assert (c.training.max_steps, c.training.batch_size, c.model.depth, c.data.image_size,
                 c.optim.warmup_rule, c.optim.warmup_fraction) == (123, 32, 18, 96, "fraction", 0.1)
         assert c.data.dataset_directory == "/data/pretrain"
-        # The recipe's optimiser, learning rate, weight decay and method settings stay.
-        assert (c.optim.name, c.optim.base_learning_rate, c.optim.weight_decay) == (
-            recipe.optim.name, recipe.optim.base_learning_rate, recipe.optim.weight_decay)
+        # The recipe's optimiser, weight decay and method settings stay; 'none' scaling gives
+        # the recipe's batch-256 peak rate at batch 32: base x 8, times the schedule's 32/256.
+        assert (c.optim.name, c.optim.weight_decay) == (recipe.optim.name,
+                                                        recipe.optim.weight_decay)
+        assert c.optim.base_learning_rate == pytest.approx(8 * recipe.optim.base_learning_rate)
         for field, value in recipe[name].items():
             if field.endswith("hidden_size"):
                 assert c[name][field] == value // 4, (name, field)  # ResNet-18: 512 of 2048
@@ -38,6 +41,17 @@ def test_every_method_gets_the_same_budget_and_keeps_its_recipe():
                 assert c[name][field] == value, (name, field)
 
 
+@pytest.mark.parametrize("scaling,factor", [("none", 4.0), ("sqrt", 2.0), ("linear", 1.0)])
+def test_peak_learning_rate_follows_the_chosen_batch_scaling(scaling, factor):
+    budget = budget_lib.Budget(batch_size=64, lr_batch_scaling=scaling)
+    c = budget_lib.method_config("byol", budget, "/data", num_classes=7)
+    total = 100
+    schedule = optim.learning_rate_fn(c, total)
+    warmup = optim.warmup_steps(c, total)
+    # Peak = recipe base 0.2 x 64/256 under linear scaling, times the factor of the rule.
+    assert float(schedule(warmup)) == pytest.approx(0.2 * 64 / 256 * factor, rel=1e-6)
+
+
 def test_head_scale_follows_the_torso_width():
     assert budget_lib.head_scale(50) == 1.0
     assert budget_lib.head_scale(10) == budget_lib.head_scale(18) == 0.25
@@ -45,7 +59,8 @@ def test_head_scale_follows_the_torso_width():
 
 @pytest.mark.parametrize("field,value,flag", [("steps", 0, "--steps"), ("depth", 11, "--depth"),
                                               ("image_size", 48, "--image_size"),
-                                              ("warmup_fraction", 1.0, "--warmup_fraction")])
+                                              ("warmup_fraction", 1.0, "--warmup_fraction"),
+                                              ("lr_batch_scaling", "cubic", "--lr_batch_scaling")])
 def test_bad_budget_names_the_flag(field, value, flag):
     with pytest.raises(ValueError, match=flag):
         budget_lib.Budget(**{field: value})

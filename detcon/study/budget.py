@@ -1,14 +1,18 @@
 """One budget for every method: each method's own recipe, resized to the study's scale.
 
-What stays each recipe's own: optimiser (LARS or SGD), base learning rate and its linear
-batch scaling (peak = base x batch / 256), weight decay, temperatures, target EMA or momentum,
-augmentations, loss weights. What the budget sets, the same for all: steps, batch, ResNet depth,
-image size, the warm-up as a fraction of the steps (the recipes' warm-ups are counted in ImageNet
-epochs: 10 of 1000 for BYOL/DetCon/SimCLR, none for the MoCo family; a few hundred steps need a
-common rule instead), head widths scaled by the torso's feature width (the recipes' 4096/2048
-hidden layers are sized for ResNet-50's 2048 channels), MoCo-family queues of a fixed multiple of
-the batch (a queue must hold whole batches), and DetCo's jigsaw cell at the smallest side that
-still gives a 1 x 1 stride-32 map.
+Each recipe keeps its optimiser (LARS or SGD), base learning rate, weight decay, temperatures,
+target EMA or momentum, augmentations and loss weights. The budget sets, the same for all:
+- steps, batch, ResNet depth and image size;
+- how the peak rate follows the batch: the recipes scale it linearly (base x batch / 256), a
+  rule for long runs at large batches; the default 'none' gives every step the recipe's rate at
+  batch 256, since a few hundred steps at batch 32-64 would otherwise move the weights 4-8x less
+  per step than the recipes do;
+- the warm-up as a fraction of the steps (the recipes count it in ImageNet epochs: 10 of 1000
+  for BYOL, DetCon and SimCLR, none for the MoCo family);
+- head widths times the torso's feature width over ResNet-50's 2048 (the recipes' 4096/2048
+  hidden layers are sized for ResNet-50);
+- MoCo-family queues of a fixed number of batches (a queue must hold whole batches);
+- DetCo's jigsaw cell at 32 px, the smallest that still gives a stride-32 torso one position.
 """
 import dataclasses
 import importlib
@@ -21,17 +25,19 @@ from detcon import networks
 _RECIPE_FEATURE_WIDTH = 2048
 _HIDDEN_FIELDS = ("projector_hidden_size", "predictor_hidden_size", "dense_hidden_size")
 _MIN_PATCH_SIZE = 32  # a stride-32 torso needs a 32 px cell for one output position
+LR_BATCH_SCALINGS = ("none", "sqrt", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """The settings every method of the study shares."""
-    steps: int = 300
-    batch_size: int = 64
+    steps: int = 100
+    batch_size: int = 32
     depth: int = 10
     image_size: int = 64
     warmup_fraction: float = 0.05
     queue_batches: int = 16   # MoCo-family queue = queue_batches x batch_size
+    lr_batch_scaling: str = "none"  # peak = base x: 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,6 +50,9 @@ class Budget:
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"--image_size={self.image_size} must be a positive multiple of 32 "
                              "(the torso's stride).")
+        if self.lr_batch_scaling not in LR_BATCH_SCALINGS:
+            raise ValueError(f"--lr_batch_scaling={self.lr_batch_scaling!r}: choose one of "
+                             f"{', '.join(LR_BATCH_SCALINGS)}.")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"--warmup_fraction={self.warmup_fraction} must be in [0, 1).")
 
@@ -51,6 +60,12 @@ class Budget:
 def head_scale(depth: int) -> float:
     """Factor from the recipes' ResNet-50 head widths to those of a ResNet-`depth` torso."""
     return networks.stage_channels(depth)[-1] / _RECIPE_FEATURE_WIDTH
+
+
+def base_rate_factor(lr_batch_scaling: str, batch_size: int) -> float:
+    """Factor on the recipe's base rate so that its B/256 schedule gives the chosen peak."""
+    ratio = 256.0 / batch_size
+    return {"none": ratio, "sqrt": ratio ** 0.5, "linear": 1.0}[lr_batch_scaling]
 
 
 def method_config(method: str, budget: Budget, dataset_directory: str, num_classes: int
@@ -72,6 +87,7 @@ def method_config(method: str, budget: Budget, dataset_directory: str, num_class
     c.data.image_size = budget.image_size
     c.data.num_train_examples = -1     # counted from the records
     c.data.seed = budget.seed
+    c.optim.base_learning_rate *= base_rate_factor(budget.lr_batch_scaling, budget.batch_size)
     c.optim.warmup_rule = "fraction"
     c.optim.warmup_fraction = budget.warmup_fraction
     c.training.batch_size = budget.batch_size
