@@ -1,0 +1,77 @@
+"""The study end to end: scenes -> every method under one budget -> probes -> json, table, chart."""
+import dataclasses
+import os
+import platform
+import time
+from typing import Callable, Sequence
+
+from detcon import methods as methods_lib
+from detcon.data import scenes
+from detcon.study import budget as budget_lib
+from detcon.study import report
+from detcon.study import runner
+
+JSON_NAME, TABLE_NAME, CHART_NAME = "compare.json", "compare.md", "compare.png"
+
+
+def check_methods(names: Sequence[str]) -> list[str]:
+    """`names` validated against the registry (all registered methods when empty)."""
+    registered = methods_lib.names()
+    chosen = list(dict.fromkeys(names)) or list(registered)
+    unknown = [n for n in chosen if n not in registered]
+    if unknown:
+        raise ValueError(f"--methods={','.join(names)}: unknown {', '.join(unknown)}; choose "
+                         f"from {','.join(registered)}.")
+    return chosen
+
+
+def ensure_scenes(directory: str, spec: scenes.SceneDatasetSpec,
+                  log: Callable[[str], None] = print) -> str:
+    """The scenes root: reused when present (same spec), otherwise built now."""
+    if not os.path.isdir(directory):
+        log(f"building the scenes in {directory} ...")
+    return scenes.build(spec, directory)
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+
+
+def run(method_names: Sequence[str], budget: budget_lib.Budget, scenes_directory: str,
+        output_directory: str, spec: scenes.SceneDatasetSpec = scenes.SceneDatasetSpec(),
+        seg_image_size: int = 128, seg_epochs: int = 30,
+        log: Callable[[str], None] = print) -> dict:
+    """Runs (or reuses) every entry and writes compare.json, compare.md and compare.png."""
+    chosen = check_methods(method_names)
+    root = ensure_scenes(scenes_directory, spec, log)
+    probes = runner.Probes(
+        classification_directory=os.path.join(root, scenes.CLASSIFICATION_DIRECTORY),
+        segmentation_directory=os.path.join(root, scenes.VOC_DIRECTORY),
+        num_classes=len(scenes.class_names()) + 1, seg_image_size=seg_image_size,
+        seg_epochs=seg_epochs)
+    pretrain = os.path.join(root, scenes.PRETRAIN_DIRECTORY)
+    start = time.perf_counter()
+    baseline = runner.run_random_init(budget, probes, output_directory, log)
+    entries = []
+    for name in chosen:
+        log(f"{name}: {budget.steps} steps at batch {budget.batch_size}, ResNet-{budget.depth}, "
+            f"{budget.image_size} px")
+        entry = runner.run_method(name, budget, pretrain, probes, output_directory, log)
+        log(f"{name}: kNN top-1 {entry['knn_top1']:.3f}, seg mIoU {entry['seg_miou']:.3f} "
+            f"(random init {baseline['knn_top1']:.3f}, {baseline['seg_miou']:.3f})")
+        entries.append(entry)
+    document = {
+        "budget": dataclasses.asdict(budget), "scenes": os.path.abspath(root),
+        "probes": dataclasses.asdict(probes), "machine": _machine(),
+        "wall_seconds_this_run": time.perf_counter() - start,
+        "beats_random_init_miou": {e["name"]: e["seg_miou"] > baseline["seg_miou"]
+                                   for e in entries},
+        "random_init": baseline, "methods": entries}
+    report.write_json(os.path.join(output_directory, JSON_NAME), document)
+    report.write_text(os.path.join(output_directory, TABLE_NAME),
+                      report.markdown_table(entries + [baseline]))
+    title = (f"{budget.steps} steps x batch {budget.batch_size}, ResNet-{budget.depth}, "
+             f"{budget.image_size} px scenes")
+    report.write_png(os.path.join(output_directory, CHART_NAME),
+                     report.bar_chart_png(entries, baseline, title))
+    return document

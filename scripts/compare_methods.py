@@ -1,0 +1,74 @@
+r"""Pretrains every registered method under one budget on the scenes and compares their probes.
+
+    python scripts/compare_methods.py --output_directory=/tmp/study
+    python scripts/compare_methods.py --output_directory=/tmp/study --methods=byol,detcon_b \
+        --steps=1000 --batch_size=128 --depth=18
+
+Builds the scenes under --scenes_directory if missing (scripts/make_scenes.py's defaults), trains
+each method into <output>/runs/<method>, probes its online torso (kNN on the single-object split,
+linear segmentation on the VOC scenes) and the random-init torso, and writes compare.json,
+compare.md and compare.png. Finished methods are reused on a re-run; see detcon/study/budget.py
+for what the budget sets and what stays each recipe's own.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from detcon.data import scenes  # noqa: E402
+from detcon.study import budget as budget_lib  # noqa: E402
+from detcon.study import compare  # noqa: E402
+
+_DEFAULT = budget_lib.Budget()
+_OUTPUT = flags.DEFINE_string("output_directory", None, "Where runs, results and reports go.")
+_SCENES = flags.DEFINE_string("scenes_directory", None,
+                              "Scenes root (default <output_directory>/scenes; built if missing).")
+_METHODS = flags.DEFINE_list("methods", [], "Comma-separated methods (default: all registered).")
+_STEPS = flags.DEFINE_integer("steps", _DEFAULT.steps, "Pretraining steps of every method.")
+_BATCH = flags.DEFINE_integer("batch_size", _DEFAULT.batch_size, "Global pretraining batch.")
+_DEPTH = flags.DEFINE_integer("depth", _DEFAULT.depth, "ResNet depth (10, 18, 34, 50, ...).")
+_IMAGE = flags.DEFINE_integer("image_size", _DEFAULT.image_size, "Pretraining crop side, pixels.")
+_WARMUP = flags.DEFINE_float("warmup_fraction", _DEFAULT.warmup_fraction,
+                             "Linear warm-up, fraction of the steps (the same for all methods).")
+_QUEUE = flags.DEFINE_integer("queue_batches", _DEFAULT.queue_batches,
+                              "MoCo-family queue length in batches.")
+_LR_SCALING = flags.DEFINE_enum(
+    "lr_batch_scaling", _DEFAULT.lr_batch_scaling, list(budget_lib.LR_BATCH_SCALINGS),
+    "Peak lr = recipe base x (1 none | sqrt(B/256) sqrt | B/256 linear), the same for all.")
+_SEED = flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed of the scenes, training and probes.")
+_SEG_SIZE = flags.DEFINE_integer("seg_image_size", 128,
+                                 "Segmentation probe input side (multiple of 32).")
+_SEG_EPOCHS = flags.DEFINE_integer("seg_epochs", 30, "Epochs of the segmentation head.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _SEG_SIZE.value < 32 or _SEG_SIZE.value % 32:
+        raise app.UsageError(f"--seg_image_size={_SEG_SIZE.value} must be a positive multiple "
+                             "of 32.")
+    try:
+        budget = budget_lib.Budget(
+            steps=_STEPS.value, batch_size=_BATCH.value, depth=_DEPTH.value,
+            image_size=_IMAGE.value, warmup_fraction=_WARMUP.value, queue_batches=_QUEUE.value,
+            lr_batch_scaling=_LR_SCALING.value,
+            seed=_SEED.value)
+        methods = compare.check_methods(_METHODS.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    output = os.path.abspath(_OUTPUT.value)
+    scenes_directory = _SCENES.value or os.path.join(output, "scenes")
+    document = compare.run(methods, budget, scenes_directory, output,
+                           spec=scenes.SceneDatasetSpec(seed=_SEED.value),
+                           seg_image_size=_SEG_SIZE.value, seg_epochs=_SEG_EPOCHS.value)
+    print(open(os.path.join(output, compare.TABLE_NAME)).read())
+    print(f"{len(document['methods'])} methods in {document['wall_seconds_this_run']:.0f} s -> "
+          f"{os.path.join(output, compare.JSON_NAME)}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("output_directory")
+    app.run(main)

@@ -1,0 +1,152 @@
+"""The learning-signal study: one budget for every method, the reports, resume, and the whole
+pipeline on tiny scenes (two methods, two steps)."""
+import dataclasses
+import importlib
+import json
+import os
+
+import pytest
+
+from detcon import methods as methods_lib
+from detcon import optim
+from detcon import train
+from detcon.data import scenes
+from detcon.data import scene_render
+from detcon.study import budget as budget_lib
+from detcon.study import compare
+from detcon.study import report
+from detcon.study import runner
+
+
+def test_every_method_gets_the_same_budget_and_keeps_its_recipe():
+    budget = budget_lib.Budget(steps=123, batch_size=32, depth=18, image_size=96,
+                               warmup_fraction=0.1, queue_batches=4, seed=3)
+    for name in methods_lib.names():
+        recipe = importlib.import_module(f"configs.{name}").get_config()
+        c = budget_lib.method_config(name, budget, "/data/pretrain", num_classes=7)
+        assert (c.training.max_steps, c.training.batch_size, c.model.depth, c.data.image_size,
+                c.optim.warmup_rule, c.optim.warmup_fraction) == (123, 32, 18, 96, "fraction", 0.1)
+        assert c.data.dataset_directory == "/data/pretrain"
+        # The recipe's optimiser, weight decay and method settings stay; 'none' scaling gives
+        # the recipe's batch-256 peak rate at batch 32: base x 8, times the schedule's 32/256.
+        assert (c.optim.name, c.optim.weight_decay) == (recipe.optim.name,
+                                                        recipe.optim.weight_decay)
+        assert c.optim.base_learning_rate == pytest.approx(8 * recipe.optim.base_learning_rate)
+        for field, value in recipe[name].items():
+            if field.endswith("hidden_size"):
+                assert c[name][field] == value // 4, (name, field)  # ResNet-18: 512 of 2048
+            elif field == "queue_size":
+                assert c[name][field] == 4 * 32
+            elif field != "patch_size":
+                assert c[name][field] == value, (name, field)
+
+
+@pytest.mark.parametrize("scaling,factor", [("none", 4.0), ("sqrt", 2.0), ("linear", 1.0)])
+def test_peak_learning_rate_follows_the_chosen_batch_scaling(scaling, factor):
+    budget = budget_lib.Budget(batch_size=64, lr_batch_scaling=scaling)
+    c = budget_lib.method_config("byol", budget, "/data", num_classes=7)
+    total = 100
+    schedule = optim.learning_rate_fn(c, total)
+    warmup = optim.warmup_steps(c, total)
+    # Peak = recipe base 0.2 x 64/256 under linear scaling, times the factor of the rule.
+    assert float(schedule(warmup)) == pytest.approx(0.2 * 64 / 256 * factor, rel=1e-6)
+
+
+def test_head_scale_follows_the_torso_width():
+    assert budget_lib.head_scale(50) == 1.0
+    assert budget_lib.head_scale(10) == budget_lib.head_scale(18) == 0.25
+
+
+@pytest.mark.parametrize("field,value,flag", [("steps", 0, "--steps"), ("depth", 11, "--depth"),
+                                              ("image_size", 48, "--image_size"),
+                                              ("warmup_fraction", 1.0, "--warmup_fraction"),
+                                              ("lr_batch_scaling", "cubic", "--lr_batch_scaling")])
+def test_bad_budget_names_the_flag(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        budget_lib.Budget(**{field: value})
+
+
+def test_unknown_method_lists_the_registered_ones():
+    with pytest.raises(ValueError, match="byol"):
+        compare.check_methods(["byol", "nope"])
+    assert compare.check_methods([]) == list(methods_lib.names())
+
+
+def _entry(name, miou, knn, masks=True):
+    return {"name": name, "needs_masks": masks, "steps": 10, "images_seen": 80,
+            "final_loss": 1.23456, "knn_top1": knn, "seg_miou": miou, "pixel_accuracy": 0.5,
+            "train_seconds": 100.4, "eval_seconds": 20.0}
+
+
+def test_markdown_table_has_a_row_per_entry_in_column_order():
+    text = report.markdown_table([_entry("detcon_b", 0.4, 0.7), _entry("byol", 0.3, 0.6, False)])
+    lines = text.strip().split("\n")
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == list(report.COLUMNS)
+    assert len(lines) == 4
+    cells = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert cells == ["byol", "no", "10", "80", "1.235", "0.600", "0.300", "0.500", "120"]
+
+
+def test_bar_chart_is_a_png():
+    png = report.bar_chart_png([_entry("a", 0.4, 0.7), _entry("b", 0.2, 0.5)],
+                               _entry("random_init", 0.3, 0.6, None), "t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_result_from_another_budget_is_refused(tmp_path):
+    made = budget_lib.Budget(steps=10)
+    path = runner.result_path(str(tmp_path), "byol")
+    report.write_json(path, {"budget": dataclasses.asdict(made)})
+    assert runner.load_finished(str(tmp_path), "byol", made) is not None
+    with pytest.raises(ValueError, match=r"byol\.json.*differs in: steps"):
+        runner.load_finished(str(tmp_path), "byol", budget_lib.Budget(steps=20))
+
+
+TINY_SPEC = scenes.SceneDatasetSpec(
+    seed=1, scene=scene_render.SceneParams(image_size=64), num_pretrain=16, num_voc_train=8,
+    num_voc_val=4, num_classification_train=12, num_classification_val=6, pretrain_shards=1,
+    classification_shards=1)
+
+
+@pytest.mark.slow
+def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
+    output = str(tmp_path / "study")
+    budget = budget_lib.Budget(steps=2, batch_size=8, depth=10, image_size=64, queue_batches=2)
+    names = ["detcon_b", "moco_v2"]
+    kwargs = dict(spec=TINY_SPEC, seg_image_size=64, seg_epochs=1, log=lambda _: None)
+    document = compare.run(names, budget, str(tmp_path / "scenes"), output, **kwargs)
+
+    with open(os.path.join(output, compare.JSON_NAME)) as f:
+        assert json.load(f) == json.loads(json.dumps(document))
+    assert [e["name"] for e in document["methods"]] == names
+    for entry in document["methods"]:
+        assert entry["steps"] == 2 and entry["images_seen"] == 16
+        assert [p["step"] for p in entry["loss_curve"]][-1] == 2
+        assert entry["knn_top1"] == entry["knn"]["top1"]
+        assert entry["knn"]["num_eval"] == 6 and entry["segmentation"]["num_eval"] == 4
+        assert 0.0 <= entry["seg_miou"] <= 1.0
+        assert os.path.isdir(os.path.join(output, "runs", entry["name"], "checkpoints"))
+    assert [e["needs_masks"] for e in document["methods"]] == [True, False]
+    assert document["random_init"]["steps"] == 0
+    assert document["beats_random_init_miou"] == {
+        e["name"]: e["seg_miou"] > document["random_init"]["seg_miou"]
+        for e in document["methods"]}
+
+    with open(os.path.join(output, compare.TABLE_NAME)) as f:
+        lines = f.read().strip().split("\n")
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == list(report.COLUMNS)
+    assert [line.split("|")[1].strip() for line in lines[2:]] == names + ["random_init"]
+    with open(os.path.join(output, compare.CHART_NAME), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # A re-run reuses every finished entry: nothing trains, the numbers are the same.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished method was trained again")
+
+    monkeypatch.setattr(train, "run", no_training)
+    logged = []
+    again = compare.run(names, budget, str(tmp_path / "scenes"), output,
+                        **dict(kwargs, log=logged.append))
+    assert sum("reusing" in line for line in logged) == 3
+    assert [e["seg_miou"] for e in again["methods"]] == [e["seg_miou"] for e in document["methods"]]
