@@ -54,7 +54,9 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]
 
 def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, step: int) -> None:
     """Raises ConfigChangeError on a changed model/method, or a schedule change not allowed."""
-    architecture, schedule = config_changes(saved, config.to_dict())
+    # Through JSON, as the checkpoint stored it: a tuple field reads back as a list.
+    current = json.loads(json.dumps(config.to_dict()))
+    architecture, schedule = config_changes(saved, current)
     if architecture:
         raise errors.ConfigChangeError(
             f"The checkpoint at step {step} was trained with a different model or method "
