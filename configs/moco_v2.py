@@ -35,7 +35,7 @@ def moco_recipe(c: ml_collections.ConfigDict) -> None:
     """MoCo v2's optimiser, batch, epochs and crop scale, shared by DenseCL and DetCo."""
     c.optim.name = "sgd"
     c.optim.base_learning_rate = 0.03   # x B/256
-    c.optim.warmup_fraction = 0.0
+    c.optim.warmup_rule, c.optim.warmup_fraction = "fraction", 0.0  # MoCo warms up not at all
     c.optim.weight_decay = 1e-4
     c.optim.momentum = 0.9
     c.training.batch_size = 256

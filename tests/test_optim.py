@@ -169,8 +169,8 @@ def test_sgd_matches_torch_sgd_with_weight_decay_on_every_parameter():
 def test_make_optimizer_builds_sgd_and_names_the_choices():
     import ml_collections
     config = ml_collections.ConfigDict(dict(
-        optim=dict(name="sgd", base_learning_rate=0.03, warmup_fraction=0.0, weight_decay=1e-4,
-                   momentum=0.9, trust_coefficient=1e-3),
+        optim=dict(name="sgd", base_learning_rate=0.03, warmup_rule="fraction",
+                   warmup_fraction=0.0, weight_decay=1e-4, momentum=0.9, trust_coefficient=1e-3),
         training=dict(batch_size=512)))
     optimizer = optim.make_optimizer(config, 100)
     params = {"linear": {"w": jnp.ones((2,))}}
