@@ -38,6 +38,9 @@ _QUEUE = flags.DEFINE_integer("queue_batches", _DEFAULT.queue_batches,
 _LR_SCALING = flags.DEFINE_enum(
     "lr_batch_scaling", _DEFAULT.lr_batch_scaling, list(budget_lib.LR_BATCH_SCALINGS),
     "Peak lr = recipe base x (1 none | sqrt(B/256) sqrt | B/256 linear), the same for all.")
+_HORIZON = flags.DEFINE_float(
+    "target_horizon", _DEFAULT.target_horizon,
+    "> 0: cap every target EMA / key momentum m so that 1/(1-m) <= this x --steps (0: recipes').")
 _SEED = flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed of the scenes, training and probes.")
 _SEG_SIZE = flags.DEFINE_integer("seg_image_size", 128,
                                  "Segmentation probe input side (multiple of 32).")
@@ -54,7 +57,7 @@ def main(argv: list[str]) -> None:
         budget = budget_lib.Budget(
             steps=_STEPS.value, batch_size=_BATCH.value, depth=_DEPTH.value,
             image_size=_IMAGE.value, warmup_fraction=_WARMUP.value, queue_batches=_QUEUE.value,
-            lr_batch_scaling=_LR_SCALING.value,
+            lr_batch_scaling=_LR_SCALING.value, target_horizon=_HORIZON.value,
             seed=_SEED.value)
         methods = compare.check_methods(_METHODS.value)
     except ValueError as error:

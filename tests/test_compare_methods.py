@@ -52,6 +52,18 @@ def test_peak_learning_rate_follows_the_chosen_batch_scaling(scaling, factor):
     assert float(schedule(warmup)) == pytest.approx(0.2 * 64 / 256 * factor, rel=1e-6)
 
 
+def test_target_horizon_caps_the_averaging_time_of_every_target():
+    budget = budget_lib.Budget(steps=100, target_horizon=0.1)  # at most 10 steps: m <= 0.9
+    for name in methods_lib.names():
+        c = budget_lib.method_config(name, budget, "/data", num_classes=7)
+        for field in ("base_ema", "momentum"):
+            if field in c[name]:
+                assert c[name][field] == pytest.approx(0.9), (name, field)
+    recipes = budget_lib.method_config("moco_v2", budget_lib.Budget(steps=100), "/data", 7)
+    assert recipes.moco_v2.momentum == 0.999
+    assert budget_lib.capped_decay(0.5, 100, 0.1) == 0.5  # already shorter: unchanged
+
+
 def test_head_scale_follows_the_torso_width():
     assert budget_lib.head_scale(50) == 1.0
     assert budget_lib.head_scale(10) == budget_lib.head_scale(18) == 0.25

@@ -12,6 +12,9 @@ target EMA or momentum, augmentations and loss weights. The budget sets, the sam
 - head widths times the torso's feature width over ResNet-50's 2048 (the recipes' 4096/2048
   hidden layers are sized for ResNet-50);
 - MoCo-family queues of a fixed number of batches (a queue must hold whole batches);
+- optionally (target_horizon > 0) the target EMA or key momentum capped so that its time
+  constant 1 / (1 - m) is at most target_horizon x steps: MoCo's 0.999 averages over ~1000
+  steps, longer than a few-hundred-step run, so its key encoder would stay near its random init;
 - DetCo's jigsaw cell at 32 px, the smallest that still gives a stride-32 torso one position.
 """
 import dataclasses
@@ -38,6 +41,7 @@ class Budget:
     warmup_fraction: float = 0.05
     queue_batches: int = 16   # MoCo-family queue = queue_batches x batch_size
     lr_batch_scaling: str = "none"  # peak = base x: 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
+    target_horizon: float = 0.0  # > 0: cap 1 / (1 - EMA or momentum) at this fraction of steps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,6 +57,9 @@ class Budget:
         if self.lr_batch_scaling not in LR_BATCH_SCALINGS:
             raise ValueError(f"--lr_batch_scaling={self.lr_batch_scaling!r}: choose one of "
                              f"{', '.join(LR_BATCH_SCALINGS)}.")
+        if self.target_horizon < 0:
+            raise ValueError(f"--target_horizon={self.target_horizon} must be >= 0 (0: the "
+                             "recipes' EMA and momentum).")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"--warmup_fraction={self.warmup_fraction} must be in [0, 1).")
 
@@ -68,6 +75,13 @@ def base_rate_factor(lr_batch_scaling: str, batch_size: int) -> float:
     return {"none": ratio, "sqrt": ratio ** 0.5, "linear": 1.0}[lr_batch_scaling]
 
 
+def capped_decay(decay: float, steps: int, horizon: float) -> float:
+    """`decay` lowered, if needed, to a time constant 1 / (1 - decay) of horizon x steps."""
+    if horizon <= 0:
+        return decay
+    return min(decay, max(0.0, 1.0 - 1.0 / (horizon * steps)))
+
+
 def method_config(method: str, budget: Budget, dataset_directory: str, num_classes: int
                   ) -> ml_collections.ConfigDict:
     """configs/<method>.py under `budget`, reading the pretraining TFRecords of a directory."""
@@ -81,6 +95,9 @@ def method_config(method: str, budget: Budget, dataset_directory: str, num_class
         settings["queue_size"] = budget.queue_batches * budget.batch_size
     if "patch_size" in settings:
         settings["patch_size"] = _MIN_PATCH_SIZE
+    for field in ("base_ema", "momentum"):
+        if field in settings:
+            settings[field] = capped_decay(settings[field], budget.steps, budget.target_horizon)
     c.model.depth = budget.depth
     c.model.num_classes = num_classes  # the online probe only; it never reaches the torso
     c.data.dataset_directory = dataset_directory
