@@ -53,7 +53,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("step", "masks", "pipeline", "fh")
 # The schedules depend on the run length; any value works for timing.
 TOTAL_STEPS = 1000
-# ResNet-50 forward at 224 px: the published 4.1 GMACs (the MFU convention).
+# ResNet-50 forward at 224 px: the published 4.1 GMACs (the MFU convention used throughout).
 RESNET50_FORWARD_FLOPS_224 = 2 * 4.1e9
 # Dense bf16 tensor-core peaks in TFLOP/s by device kind (vendor datasheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L4": 121.0,
@@ -202,7 +202,7 @@ def forward_flops(depth: int, image_size: int) -> dict[str, float]:
     jaxpr = jax.make_jaxpr(lambda p, s, x: torso.apply(p, s, None, x, is_training=True)[0])(
         params, net_state, image)
     counted = matmul_flops(jaxpr.jaxpr)
-    # The anchor for ResNet-50 (4.1 GMACs at 224 px, scaling with the pixel count); the
+    # The published anchor for ResNet-50 (4.1 GMACs at 224 px, scaling with the pixel count); the
     # count above gives 4.09 GMACs there.
     model = RESNET50_FORWARD_FLOPS_224 * (image_size / 224) ** 2 if depth == 50 else counted
     return dict(counted_forward_flops=counted, model_forward_flops=model)
