@@ -71,3 +71,15 @@ def _release_compiled_programs():
     yield
     import jax
     jax.clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _restore_absl_verbosity():
+    """Puts absl's logger level back after each test: parsing absl flags in-process (the
+    evaluate CLI tests) applies --verbosity's default, WARNING, which would hide the INFO lines a
+    later test reads from the log."""
+    import logging
+    absl_logger = logging.getLogger("absl")
+    before = absl_logger.level
+    yield
+    absl_logger.setLevel(before)
