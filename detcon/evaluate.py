@@ -43,6 +43,9 @@ flags.DEFINE_enum("linear_mode", "features", ["features", "augmented"],
                   "features: precomputed features + L2 sweep; augmented: BYOL ImageNet protocol.")
 flags.DEFINE_integer("linear_epochs", 90, "Epochs of --linear_mode=augmented.")
 flags.DEFINE_integer("seg_image_size", 512, "Longer side after resizing; padded square (x32).")
+flags.DEFINE_integer("seg_label_size", 0,
+                     "Side the labels are scored at (0: --seg_image_size; must divide it). Set "
+                     "it to the images' own side when small images are enlarged for the torso.")
 flags.DEFINE_integer("seg_epochs", 30, "Epochs of the segmentation head.")
 flags.DEFINE_integer("seg_batch_size", 16, "Batch of the segmentation head.")
 flags.DEFINE_float("seg_learning_rate", 1e-3, "Peak AdamW learning rate of the segmentation head.")
@@ -135,6 +138,10 @@ def _check_flags() -> None:
     if FLAGS.seg_image_size % 32 or FLAGS.seg_image_size < 32:
         raise app.UsageError(f"--seg_image_size={FLAGS.seg_image_size} must be a positive "
                              "multiple of 32.")
+    if FLAGS.seg_label_size < 0 or (FLAGS.seg_label_size
+                                    and FLAGS.seg_image_size % FLAGS.seg_label_size):
+        raise app.UsageError(f"--seg_label_size={FLAGS.seg_label_size} must divide "
+                             f"--seg_image_size={FLAGS.seg_image_size} (0: score at that size).")
     if FLAGS.batch_size < 1 or FLAGS.seg_batch_size < 1 or FLAGS.knn_k < 1:
         raise app.UsageError("--batch_size, --seg_batch_size and --knn_k must be >= 1.")
 
@@ -158,8 +165,8 @@ def main(argv: list[str]) -> None:
         image_size=image_size, batch_size=FLAGS.batch_size, knn_k=FLAGS.knn_k,
         knn_temperature=FLAGS.knn_temperature, linear_mode=FLAGS.linear_mode,
         linear_epochs=FLAGS.linear_epochs, seg_image_size=FLAGS.seg_image_size,
-        seg_epochs=FLAGS.seg_epochs, seg_batch_size=FLAGS.seg_batch_size,
-        seg_learning_rate=FLAGS.seg_learning_rate, seg_num_classes=FLAGS.seg_num_classes,
+        seg_label_size=FLAGS.seg_label_size, seg_epochs=FLAGS.seg_epochs,
+        seg_batch_size=FLAGS.seg_batch_size, seg_learning_rate=FLAGS.seg_learning_rate, seg_num_classes=FLAGS.seg_num_classes,
         seed=FLAGS.seed)
     results = run(torso, parse_protocols(FLAGS.protocol), options)
     document = {

@@ -37,13 +37,18 @@ _QUEUE = flags.DEFINE_integer("queue_batches", _DEFAULT.queue_batches,
                               "MoCo-family queue length in batches.")
 _LR_SCALING = flags.DEFINE_enum(
     "lr_batch_scaling", _DEFAULT.lr_batch_scaling, list(budget_lib.LR_BATCH_SCALINGS),
-    "Peak lr = recipe base x (1 none | sqrt(B/256) sqrt | B/256 linear), the same for all.")
+    "Peak lr = recipe base x (recipe batch/256 recipe: the published run's peak | 1 none | "
+    "sqrt(B/256) sqrt | B/256 linear), the same rule for all.")
 _HORIZON = flags.DEFINE_float(
     "target_horizon", _DEFAULT.target_horizon,
     "> 0: cap every target EMA / key momentum m so that 1/(1-m) <= this x --steps (0: recipes').")
 _SEED = flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed of the scenes, training and probes.")
-_SEG_SIZE = flags.DEFINE_integer("seg_image_size", 128,
-                                 "Segmentation probe input side (multiple of 32).")
+_SEG_SIZE = flags.DEFINE_integer(
+    "seg_image_size", 256, "Segmentation probe input side (multiple of 32): the 64 px scenes "
+    "enlarged 4x give the stride-32 torso an 8x8 map.")
+_SEG_LABEL_SIZE = flags.DEFINE_integer(
+    "seg_label_size", 0, "Side the segmentation labels are scored at (0: the scenes' own side, "
+    "so the enlarged labels are the original ones).")
 _SEG_EPOCHS = flags.DEFINE_integer("seg_epochs", 30, "Epochs of the segmentation head.")
 
 
@@ -62,11 +67,16 @@ def main(argv: list[str]) -> None:
         methods = compare.check_methods(_METHODS.value)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
+    spec = scenes.SceneDatasetSpec(seed=_SEED.value)
+    label_size = _SEG_LABEL_SIZE.value or spec.scene.image_size
+    if _SEG_SIZE.value % label_size:
+        raise app.UsageError(f"--seg_label_size={label_size} must divide "
+                             f"--seg_image_size={_SEG_SIZE.value}.")
     output = os.path.abspath(_OUTPUT.value)
     scenes_directory = _SCENES.value or os.path.join(output, "scenes")
     document = compare.run(methods, budget, scenes_directory, output,
-                           spec=scenes.SceneDatasetSpec(seed=_SEED.value),
-                           seg_image_size=_SEG_SIZE.value, seg_epochs=_SEG_EPOCHS.value)
+                           spec=spec, seg_image_size=_SEG_SIZE.value,
+                           seg_label_size=label_size, seg_epochs=_SEG_EPOCHS.value)
     print(open(os.path.join(output, compare.TABLE_NAME)).read())
     print(f"{len(document['methods'])} methods in {document['wall_seconds_this_run']:.0f} s -> "
           f"{os.path.join(output, compare.JSON_NAME)}")

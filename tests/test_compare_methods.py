@@ -27,11 +27,13 @@ def test_every_method_gets_the_same_budget_and_keeps_its_recipe():
         assert (c.training.max_steps, c.training.batch_size, c.model.depth, c.data.image_size,
                 c.optim.warmup_rule, c.optim.warmup_fraction) == (123, 32, 18, 96, "fraction", 0.1)
         assert c.data.dataset_directory == "/data/pretrain"
-        # The recipe's optimiser, weight decay and method settings stay; 'none' scaling gives
-        # the recipe's batch-256 peak rate at batch 32: base x 8, times the schedule's 32/256.
+        # The recipe's optimiser, weight decay and method settings stay; 'recipe' scaling gives
+        # the published run's peak rate at batch 32: base x recipe batch / 32, times the
+        # schedule's 32/256.
         assert (c.optim.name, c.optim.weight_decay) == (recipe.optim.name,
                                                         recipe.optim.weight_decay)
-        assert c.optim.base_learning_rate == pytest.approx(8 * recipe.optim.base_learning_rate)
+        assert c.optim.base_learning_rate == pytest.approx(
+            recipe.training.batch_size / 32 * recipe.optim.base_learning_rate)
         for field, value in recipe[name].items():
             if field.endswith("hidden_size"):
                 assert c[name][field] == value // 4, (name, field)  # ResNet-18: 512 of 2048
@@ -50,6 +52,16 @@ def test_peak_learning_rate_follows_the_chosen_batch_scaling(scaling, factor):
     warmup = optim.warmup_steps(c, total)
     # Peak = recipe base 0.2 x 64/256 under linear scaling, times the factor of the rule.
     assert float(schedule(warmup)) == pytest.approx(0.2 * 64 / 256 * factor, rel=1e-6)
+
+
+@pytest.mark.parametrize("name,peak", [("byol", 0.2 * 4096 / 256), ("simclr", 0.3 * 4096 / 256),
+                                       ("detcon_b", 0.2 * 4096 / 256), ("moco_v2", 0.03)])
+def test_recipe_scaling_gives_every_method_the_peak_rate_of_its_published_run(name, peak):
+    c = budget_lib.method_config(name, budget_lib.Budget(batch_size=32), "/data", num_classes=7)
+    assert budget_lib.Budget().lr_batch_scaling == "recipe"
+    total = 100
+    warmup = optim.warmup_steps(c, total)
+    assert float(optim.learning_rate_fn(c, total)(max(warmup, 0))) == pytest.approx(peak, rel=1e-6)
 
 
 def test_target_horizon_caps_the_averaging_time_of_every_target():
@@ -115,6 +127,17 @@ def test_a_result_from_another_budget_is_refused(tmp_path):
         runner.load_finished(str(tmp_path), "byol", budget_lib.Budget(steps=20))
 
 
+def test_a_result_from_other_probe_settings_is_refused(tmp_path):
+    made = budget_lib.Budget(steps=10)
+    probes = runner.Probes("c", "s", 7, seg_image_size=256, seg_label_size=64)
+    report.write_json(runner.result_path(str(tmp_path), "byol"),
+                      {"budget": dataclasses.asdict(made), "probes": dataclasses.asdict(probes)})
+    assert runner.load_finished(str(tmp_path), "byol", made, probes) is not None
+    with pytest.raises(ValueError, match=r"byol\.json was probed with other settings"):
+        runner.load_finished(str(tmp_path), "byol", made,
+                             dataclasses.replace(probes, seg_image_size=128))
+
+
 TINY_SPEC = scenes.SceneDatasetSpec(
     seed=1, scene=scene_render.SceneParams(image_size=64), num_pretrain=16, num_voc_train=8,
     num_voc_val=4, num_classification_train=12, num_classification_val=6, pretrain_shards=1,
@@ -126,7 +149,8 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     output = str(tmp_path / "study")
     budget = budget_lib.Budget(steps=2, batch_size=8, depth=10, image_size=64, queue_batches=2)
     names = ["detcon_b", "moco_v2"]
-    kwargs = dict(spec=TINY_SPEC, seg_image_size=64, seg_epochs=1, log=lambda _: None)
+    kwargs = dict(spec=TINY_SPEC, seg_image_size=128, seg_label_size=64, seg_epochs=1,
+                  log=lambda _: None)
     document = compare.run(names, budget, str(tmp_path / "scenes"), output, **kwargs)
 
     with open(os.path.join(output, compare.JSON_NAME)) as f:
@@ -137,6 +161,7 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert [p["step"] for p in entry["loss_curve"]][-1] == 2
         assert entry["knn_top1"] == entry["knn"]["top1"]
         assert entry["knn"]["num_eval"] == 6 and entry["segmentation"]["num_eval"] == 4
+        assert entry["segmentation"]["label_size"] == 64
         assert 0.0 <= entry["seg_miou"] <= 1.0
         assert os.path.isdir(os.path.join(output, "runs", entry["name"], "checkpoints"))
     assert [e["needs_masks"] for e in document["methods"]] == [True, False]

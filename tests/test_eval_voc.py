@@ -55,6 +55,19 @@ def test_load_split_reads_fixture(tmp_path):
     assert images[0][labels[0] == 1].mean() > 150
 
 
+def test_labels_scored_at_the_original_side_are_the_original_labels(tmp_path):
+    root = str(tmp_path / "VOC")
+    write_voc(root, num_train=2, num_val=1, height=32, width=32)
+    _, labels = voc.load_split(root, "train", 128)  # enlarged 4x for the stride-32 torso
+    native = voc.subsample_labels(labels, 32)
+    assert native.shape == (2, 32, 32)
+    for i in range(2):
+        original = voc.read_label(os.path.join(root, "SegmentationClass", f"train_{i:03d}.png"))
+        np.testing.assert_array_equal(native[i], original)
+    with pytest.raises(ValueError, match="--seg_label_size=48 must divide --seg_image_size=128"):
+        voc.subsample_labels(labels, 48)
+
+
 def test_missing_layout_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="VOC-style root"):
         voc.split_ids(str(tmp_path), "train")

@@ -47,8 +47,8 @@ def test_random_init_runs_every_protocol(records, voc_root, tmp_path, capsys):
     output = str(tmp_path / "r.json")
     _main(["--random_init", f"--config={CONFIG}", "--protocol=knn,linear,segmentation",
            f"--dataset_directory={records}", f"--segmentation_directory={voc_root}",
-           "--seg_image_size=64", "--seg_epochs=2", "--seg_batch_size=4", f"--output={output}"]
-          + SMALL)
+           "--seg_image_size=128", "--seg_label_size=64", "--seg_epochs=2", "--seg_batch_size=4",
+           f"--output={output}"] + SMALL)
     result = json.load(open(output))
     assert result["random_init"] and result["model"] == {"depth": 10, "width_multiplier": 1}
     for name in ("knn", "linear"):
@@ -58,6 +58,7 @@ def test_random_init_runs_every_protocol(records, voc_root, tmp_path, capsys):
     assert result["linear"]["mode"] == "features"
     seg = result["segmentation"]
     assert seg["num_classes"] == 3 and len(seg["per_class_iou"]) == 3
+    assert seg["image_size"] == 128 and seg["label_size"] == 64
     assert 0.0 <= seg["miou"] <= 1.0 and 0.0 <= seg["pixel_accuracy"] <= 1.0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("knn top1 ") and "segmentation mIoU" in line and output in line
@@ -147,6 +148,8 @@ def test_tfds_mock_data(tmp_path):
      "--dataset_directory"),
     (["--random_init", f"--config={CONFIG}", "--protocol=segmentation", "--output=x.json",
       "--dataset_directory=d", "--seg_image_size=100"], "multiple of 32"),
+    (["--random_init", f"--config={CONFIG}", "--protocol=segmentation", "--output=x.json",
+      "--dataset_directory=d", "--seg_image_size=128", "--seg_label_size=48"], "must divide"),
 ])
 def test_bad_flags_fail_early(argv, message):
     from absl import app

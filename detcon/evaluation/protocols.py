@@ -33,6 +33,7 @@ class Options:
     linear_mode: str = "features"
     linear_epochs: int = linear_augmented.DEFAULT_EPOCHS
     seg_image_size: int = 512
+    seg_label_size: int = 0  # side the labels are scored at (0: seg_image_size); divides it
     seg_epochs: int = 30
     seg_batch_size: int = 16
     seg_learning_rate: float = 1e-3
@@ -119,6 +120,9 @@ def run_segmentation(torso: features_lib.FrozenTorso, options: Options) -> dict[
         raise ValueError("--protocol=segmentation needs --dataset_directory (a VOC-layout root).")
     train_images, train_labels = voc.load_split(root, "train", options.seg_image_size)
     val_images, val_labels = voc.load_split(root, "val", options.seg_image_size)
+    if options.seg_label_size:
+        train_labels, val_labels = (voc.subsample_labels(x, options.seg_label_size)
+                                    for x in (train_labels, val_labels))
     classes = options.seg_num_classes or voc.num_classes(train_labels, val_labels)
     extractor = features_lib.Extractor(torso, reduce=None)
     per_device = per_device_batch(options.seg_batch_size)
@@ -137,6 +141,7 @@ def run_segmentation(torso: features_lib.FrozenTorso, options: Options) -> dict[
     result = segmentation_lib.evaluate_head(head, shift, scale, maps(val_images, "val"),
                                             val_labels, classes, options.seg_batch_size)
     result.update(num_classes=classes, image_size=options.seg_image_size,
+                  label_size=int(val_labels.shape[-1]),
                   epochs=options.seg_epochs, batch_size=options.seg_batch_size,
                   learning_rate=options.seg_learning_rate, optimizer="adamw_cosine",
                   head="1x1_linear_on_standardised_stride32_map_bilinear_upsampled_logits",

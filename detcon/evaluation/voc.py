@@ -79,6 +79,19 @@ def load_split(root: str, split: str, image_size: int) -> tuple[np.ndarray, np.n
     return np.stack(images), np.stack(labels)
 
 
+def subsample_labels(labels: np.ndarray, label_size: int) -> np.ndarray:
+    """Labels [N, S, S] -> [N, L, L] by taking every (S / L)-th pixel (nearest neighbour).
+
+    For images enlarged by an integer factor (small images fed to a stride-32 torso at a larger
+    size), L = the original side gives back the original labels exactly.
+    """
+    size = labels.shape[-1]
+    if label_size <= 0 or size % label_size:
+        raise ValueError(f"--seg_label_size={label_size} must divide --seg_image_size={size}.")
+    stride = size // label_size
+    return labels[:, ::stride, ::stride]
+
+
 def num_classes(*label_sets: np.ndarray) -> int:
     """1 + the largest class index (255 excluded) over the label arrays."""
     largest = max(int(np.max(np.where(x == IGNORE_LABEL, 0, x))) for x in label_sets)

@@ -4,9 +4,13 @@ Each recipe keeps its optimiser (LARS or SGD), base learning rate, weight decay,
 target EMA or momentum, augmentations and loss weights. The budget sets, the same for all:
 - steps, batch, ResNet depth and image size;
 - how the peak rate follows the batch: the recipes scale it linearly (base x batch / 256), a
-  rule for long runs at large batches; the default 'none' gives every step the recipe's rate at
-  batch 256, since a few hundred steps at batch 32-64 would otherwise move the weights 4-8x less
-  per step than the recipes do;
+  rule for long runs at large batches. The default 'recipe' gives every step the peak rate of
+  the published run (base x the recipe's own batch / 256: 3.2 for BYOL and DetCon-B at 4096,
+  0.03 for MoCo v2 at 256). Under LARS a step moves each layer by lr x trust coefficient
+  relative to its norm whatever the batch, so this keeps each recipe's step size; 'none'
+  (every method at its batch-256 rate) gives the LARS recipes 1/16 of theirs, and their
+  torsos stayed at random-init level in 100 steps while the SGD recipes, at their own rate,
+  did not;
 - the warm-up as a fraction of the steps (the recipes count it in ImageNet epochs: 10 of 1000
   for BYOL, DetCon and SimCLR, none for the MoCo family);
 - head widths times the torso's feature width over ResNet-50's 2048 (the recipes' 4096/2048
@@ -28,7 +32,7 @@ from detcon import networks
 _RECIPE_FEATURE_WIDTH = 2048
 _HIDDEN_FIELDS = ("projector_hidden_size", "predictor_hidden_size", "dense_hidden_size")
 _MIN_PATCH_SIZE = 32  # a stride-32 torso needs a 32 px cell for one output position
-LR_BATCH_SCALINGS = ("none", "sqrt", "linear")
+LR_BATCH_SCALINGS = ("recipe", "none", "sqrt", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Budget:
     image_size: int = 64
     warmup_fraction: float = 0.05
     queue_batches: int = 16   # MoCo-family queue = queue_batches x batch_size
-    lr_batch_scaling: str = "none"  # peak = base x: 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
+    # peak = base x: recipe batch/256 'recipe', 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
+    lr_batch_scaling: str = "recipe"
     target_horizon: float = 0.0  # > 0: cap 1 / (1 - EMA or momentum) at this fraction of steps
     seed: int = 0
 
@@ -69,10 +74,11 @@ def head_scale(depth: int) -> float:
     return networks.stage_channels(depth)[-1] / _RECIPE_FEATURE_WIDTH
 
 
-def base_rate_factor(lr_batch_scaling: str, batch_size: int) -> float:
+def base_rate_factor(lr_batch_scaling: str, batch_size: int, recipe_batch_size: int) -> float:
     """Factor on the recipe's base rate so that its B/256 schedule gives the chosen peak."""
     ratio = 256.0 / batch_size
-    return {"none": ratio, "sqrt": ratio ** 0.5, "linear": 1.0}[lr_batch_scaling]
+    return {"recipe": recipe_batch_size / batch_size, "none": ratio, "sqrt": ratio ** 0.5,
+            "linear": 1.0}[lr_batch_scaling]
 
 
 def capped_decay(decay: float, steps: int, horizon: float) -> float:
@@ -104,7 +110,8 @@ def method_config(method: str, budget: Budget, dataset_directory: str, num_class
     c.data.image_size = budget.image_size
     c.data.num_train_examples = -1     # counted from the records
     c.data.seed = budget.seed
-    c.optim.base_learning_rate *= base_rate_factor(budget.lr_batch_scaling, budget.batch_size)
+    c.optim.base_learning_rate *= base_rate_factor(budget.lr_batch_scaling, budget.batch_size,
+                                                   c.training.batch_size)
     c.optim.warmup_rule = "fraction"
     c.optim.warmup_fraction = budget.warmup_fraction
     c.training.batch_size = budget.batch_size

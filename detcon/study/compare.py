@@ -39,7 +39,7 @@ def _machine() -> str:
 
 def run(method_names: Sequence[str], budget: budget_lib.Budget, scenes_directory: str,
         output_directory: str, spec: scenes.SceneDatasetSpec = scenes.SceneDatasetSpec(),
-        seg_image_size: int = 128, seg_epochs: int = 30,
+        seg_image_size: int = 256, seg_label_size: int = 0, seg_epochs: int = 30,
         log: Callable[[str], None] = print) -> dict:
     """Runs (or reuses) every entry and writes compare.json, compare.md and compare.png."""
     chosen = check_methods(method_names)
@@ -48,7 +48,7 @@ def run(method_names: Sequence[str], budget: budget_lib.Budget, scenes_directory
         classification_directory=os.path.join(root, scenes.CLASSIFICATION_DIRECTORY),
         segmentation_directory=os.path.join(root, scenes.VOC_DIRECTORY),
         num_classes=len(scenes.class_names()) + 1, seg_image_size=seg_image_size,
-        seg_epochs=seg_epochs)
+        seg_label_size=seg_label_size, seg_epochs=seg_epochs)
     pretrain = os.path.join(root, scenes.PRETRAIN_DIRECTORY)
     start = time.perf_counter()
     baseline = runner.run_random_init(budget, probes, output_directory, log)

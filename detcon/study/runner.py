@@ -32,7 +32,8 @@ class Probes:
     classification_directory: str   # single-object train/validation TFRecords (kNN)
     segmentation_directory: str     # VOC-layout scenes (segmentation probe)
     num_classes: int                # segmentation classes, background included
-    seg_image_size: int = 128
+    seg_image_size: int = 256
+    seg_label_size: int = 0         # 0: seg_image_size; the scenes' own side scores them exactly
     seg_epochs: int = 30
     knn_k: int = 20
 
@@ -53,8 +54,10 @@ def _write_json(path: str, document: dict) -> None:
     export.atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def load_finished(output_directory: str, name: str, budget: budget_lib.Budget) -> dict | None:
-    """The cached entry of `name`, None if absent; an error if made under another budget."""
+def load_finished(output_directory: str, name: str, budget: budget_lib.Budget,
+                  probes: Probes | None = None) -> dict | None:
+    """The cached entry of `name`, None if absent; an error if made under another budget or
+    with other probe settings."""
     path = result_path(output_directory, name)
     if not os.path.isfile(path):
         return None
@@ -66,6 +69,10 @@ def load_finished(output_directory: str, name: str, budget: budget_lib.Budget) -
         raise ValueError(f"{path} was made under another budget (differs in: "
                          f"{', '.join(differing)}); use a new --output_directory or delete "
                          f"{output_directory}/{RESULTS_DIRECTORY} and {RUNS_DIRECTORY}.")
+    if probes is not None and document.get("probes") != dataclasses.asdict(probes):
+        raise ValueError(f"{path} was probed with other settings ({document['probes']}); use a "
+                         f"new --output_directory or delete {output_directory}/"
+                         f"{RESULTS_DIRECTORY} (the pretraining runs are reused).")
     return document
 
 
@@ -75,7 +82,8 @@ def _probe(torso: features.FrozenTorso, budget: budget_lib.Budget, probes: Probe
     options = protocols.Options(
         source=datasets.Source(directory=probes.classification_directory),
         segmentation_directory=probes.segmentation_directory, image_size=budget.image_size,
-        knn_k=probes.knn_k, seg_image_size=probes.seg_image_size, seg_epochs=probes.seg_epochs,
+        knn_k=probes.knn_k, seg_image_size=probes.seg_image_size,
+        seg_label_size=probes.seg_label_size, seg_epochs=probes.seg_epochs,
         seg_num_classes=probes.num_classes, seed=budget.seed)
     return {"knn": protocols.run_knn(features.Extractor(torso), options),
             "segmentation": protocols.run_segmentation(torso, options)}
@@ -98,12 +106,14 @@ def _loss_curve(workdir: str) -> list[dict[str, float]]:
     return curve
 
 
-def _entry(name: str, budget: budget_lib.Budget, results: dict, needs_masks: bool | None,
+def _entry(name: str, budget: budget_lib.Budget, probes: Probes, results: dict,
+           needs_masks: bool | None,
            train_seconds: float, train_cpu_seconds: float, eval_seconds: float,
            curve: list[dict[str, float]]) -> dict:
     steps = budget.steps if name != RANDOM_INIT else 0
     return {
-        "name": name, "budget": dataclasses.asdict(budget), "needs_masks": needs_masks,
+        "name": name, "budget": dataclasses.asdict(budget), "probes": dataclasses.asdict(probes),
+        "needs_masks": needs_masks,
         "steps": steps, "images_seen": steps * budget.batch_size,
         "final_loss": curve[-1]["objective"] if curve else None,
         "knn_top1": results["knn"]["top1"], "seg_miou": results["segmentation"]["miou"],
@@ -115,7 +125,7 @@ def _entry(name: str, budget: budget_lib.Budget, results: dict, needs_masks: boo
 def run_method(method: str, budget: budget_lib.Budget, pretrain_directory: str, probes: Probes,
                output_directory: str, log: Callable[[str], None] = print) -> dict:
     """The finished entry of `method`: cached, or pretrained (resuming) and probed now."""
-    finished = load_finished(output_directory, method, budget)
+    finished = load_finished(output_directory, method, budget, probes)
     if finished is not None:
         log(f"{method}: reusing {result_path(output_directory, method)}")
         return finished
@@ -131,7 +141,7 @@ def run_method(method: str, budget: budget_lib.Budget, pretrain_directory: str, 
     start = time.perf_counter()
     params, state, config_dict = checkpoint_lib.load_network(workdir, "online")
     results = _probe(features.from_network(params, state, config_dict["model"]), budget, probes)
-    entry = _entry(method, budget, results, methods_lib.get(method).needs_masks, train_seconds,
+    entry = _entry(method, budget, probes, results, methods_lib.get(method).needs_masks, train_seconds,
                    train_cpu, time.perf_counter() - start, curve)
     _write_json(result_path(output_directory, method), entry)
     return entry
@@ -140,13 +150,13 @@ def run_method(method: str, budget: budget_lib.Budget, pretrain_directory: str, 
 def run_random_init(budget: budget_lib.Budget, probes: Probes, output_directory: str,
                     log: Callable[[str], None] = print) -> dict:
     """The finished entry of the untrained torso (the baseline every method must beat)."""
-    finished = load_finished(output_directory, RANDOM_INIT, budget)
+    finished = load_finished(output_directory, RANDOM_INIT, budget, probes)
     if finished is not None:
         log(f"{RANDOM_INIT}: reusing {result_path(output_directory, RANDOM_INIT)}")
         return finished
     start = time.perf_counter()
     torso = features.random_init(budget.depth, 1, budget.seed, budget.image_size)
     results = _probe(torso, budget, probes)
-    entry = _entry(RANDOM_INIT, budget, results, None, 0.0, 0.0, time.perf_counter() - start, [])
+    entry = _entry(RANDOM_INIT, budget, probes, results, None, 0.0, 0.0, time.perf_counter() - start, [])
     _write_json(result_path(output_directory, RANDOM_INIT), entry)
     return entry
