@@ -66,18 +66,15 @@ def main(argv: list[str]) -> None:
             lr_batch_scaling=_LR_SCALING.value, target_horizon=_HORIZON.value,
             seed=_SEED.value)
         methods = compare.check_methods(_METHODS.value)
+        spec = scenes.SceneDatasetSpec(seed=_SEED.value)
+        compare.seg_label_side(_SEG_SIZE.value, _SEG_LABEL_SIZE.value, spec)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    spec = scenes.SceneDatasetSpec(seed=_SEED.value)
-    label_size = _SEG_LABEL_SIZE.value or spec.scene.image_size
-    if _SEG_SIZE.value % label_size:
-        raise app.UsageError(f"--seg_label_size={label_size} must divide "
-                             f"--seg_image_size={_SEG_SIZE.value}.")
     output = os.path.abspath(_OUTPUT.value)
     scenes_directory = _SCENES.value or os.path.join(output, "scenes")
     document = compare.run(methods, budget, scenes_directory, output,
                            spec=spec, seg_image_size=_SEG_SIZE.value,
-                           seg_label_size=label_size, seg_epochs=_SEG_EPOCHS.value)
+                           seg_label_size=_SEG_LABEL_SIZE.value, seg_epochs=_SEG_EPOCHS.value)
     print(open(os.path.join(output, compare.TABLE_NAME)).read())
     print(f"{len(document['methods'])} methods in {document['wall_seconds_this_run']:.0f} s -> "
           f"{os.path.join(output, compare.JSON_NAME)}")

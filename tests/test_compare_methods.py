@@ -138,6 +138,14 @@ def test_a_result_from_other_probe_settings_is_refused(tmp_path):
                              dataclasses.replace(probes, seg_image_size=128))
 
 
+def test_labels_are_scored_at_the_scenes_own_side_unless_told():
+    spec = scenes.SceneDatasetSpec()  # 64 px scenes
+    assert compare.seg_label_side(256, 0, spec) == spec.scene.image_size == 64
+    assert compare.seg_label_side(256, 128, spec) == 128
+    with pytest.raises(ValueError, match="--seg_label_size=48 must divide --seg_image_size=256"):
+        compare.seg_label_side(256, 48, spec)
+
+
 TINY_SPEC = scenes.SceneDatasetSpec(
     seed=1, scene=scene_render.SceneParams(image_size=64), num_pretrain=16, num_voc_train=8,
     num_voc_val=4, num_classification_train=12, num_classification_val=6, pretrain_shards=1,

@@ -8,14 +8,12 @@ fast on a laptop CPU.  Built once, atomically, with the same record writer as th
 import json
 import os
 import random
-import shutil
-import tempfile
 
 import numpy as np
 import skimage.data
 from PIL import Image
 
-from detcon.data import fh_records, image_codec, mask_job, shards
+from detcon.data import fh_records, image_codec, mask_job, publish, shards
 
 DEFAULT_DIRECTORY_NAME = "demo_fh"
 MAX_SIDE = 192
@@ -116,18 +114,5 @@ def ensure_demo_dataset(directory: str | None = None) -> str:
         if not os.path.exists(shards.manifest_path(directory, "train")):
             _describe(directory)  # built by an older version, which wrote no manifest
         return directory
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
-    try:
-        _build(staging)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the dataset is not
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if not os.path.isdir(directory):
-                raise
-            # Another process finished first; its copy is identical.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    publish.publish_directory(directory, _build)  # a lost race leaves the winner's identical copy
     return directory

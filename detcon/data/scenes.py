@@ -20,13 +20,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 
 import numpy as np
 
-from detcon.data import fh_records, image_codec, mask_job, scene_render, shards, voc
+from detcon.data import fh_records, image_codec, mask_job, publish, scene_render, shards, voc
 
 MANIFEST_NAME = "scenes.json"
 MANIFEST_VERSION = 1
@@ -290,10 +288,8 @@ def build(
                 "settings or choose a new --output_directory"
             )
         return directory
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
-    try:
+
+    def write_all(staging: str) -> None:
         for part, write in (
             (PRETRAIN_DIRECTORY, _write_pretrain),
             (VOC_DIRECTORY, _write_voc),
@@ -303,13 +299,7 @@ def build(
                 progress(part)
             write(spec, staging)
         _write_json(os.path.join(staging, MANIFEST_NAME), wanted)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the dataset is not
-        try:
-            os.rename(staging, directory)
-        except OSError:
-            if not os.path.isdir(directory):
-                raise
-            return build(spec, directory)  # another process finished first: check its settings
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    if not publish.publish_directory(directory, write_all):
+        return build(spec, directory)  # another process finished first: check its settings
     return directory

@@ -25,6 +25,16 @@ def check_methods(names: Sequence[str]) -> list[str]:
     return chosen
 
 
+def seg_label_side(seg_image_size: int, seg_label_size: int, spec: scenes.SceneDatasetSpec
+                   ) -> int:
+    """Side the segmentation labels are scored at: `seg_label_size`, or 0 for the scenes' own
+    side (the enlarged labels are then exactly the original ones); it must divide the input."""
+    side = seg_label_size or spec.scene.image_size
+    if seg_image_size % side:
+        raise ValueError(f"--seg_label_size={side} must divide --seg_image_size={seg_image_size}.")
+    return side
+
+
 def ensure_scenes(directory: str, spec: scenes.SceneDatasetSpec,
                   log: Callable[[str], None] = print) -> str:
     """The scenes root: reused when present (same spec), otherwise built now."""
@@ -43,6 +53,7 @@ def run(method_names: Sequence[str], budget: budget_lib.Budget, scenes_directory
         log: Callable[[str], None] = print) -> dict:
     """Runs (or reuses) every entry and writes compare.json, compare.md and compare.png."""
     chosen = check_methods(method_names)
+    seg_label_size = seg_label_side(seg_image_size, seg_label_size, spec)
     root = ensure_scenes(scenes_directory, spec, log)
     probes = runner.Probes(
         classification_directory=os.path.join(root, scenes.CLASSIFICATION_DIRECTORY),

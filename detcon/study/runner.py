@@ -13,13 +13,13 @@ from typing import Any, Callable
 import numpy as np
 
 from detcon import checkpoint as checkpoint_lib
-from detcon import export
 from detcon import methods as methods_lib
 from detcon import train
 from detcon.evaluation import datasets
 from detcon.evaluation import features
 from detcon.evaluation import protocols
 from detcon.study import budget as budget_lib
+from detcon.study import report
 
 RANDOM_INIT = "random_init"
 RESULTS_DIRECTORY = "results"
@@ -47,11 +47,6 @@ def _cpu_seconds() -> float:
 def result_path(output_directory: str, name: str) -> str:
     """<output>/results/<name>.json."""
     return os.path.join(output_directory, RESULTS_DIRECTORY, f"{name}.json")
-
-
-def _write_json(path: str, document: dict) -> None:
-    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-    export.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_finished(output_directory: str, name: str, budget: budget_lib.Budget,
@@ -143,7 +138,7 @@ def run_method(method: str, budget: budget_lib.Budget, pretrain_directory: str, 
     results = _probe(features.from_network(params, state, config_dict["model"]), budget, probes)
     entry = _entry(method, budget, probes, results, methods_lib.get(method).needs_masks, train_seconds,
                    train_cpu, time.perf_counter() - start, curve)
-    _write_json(result_path(output_directory, method), entry)
+    report.write_json(result_path(output_directory, method), entry)
     return entry
 
 
@@ -158,5 +153,5 @@ def run_random_init(budget: budget_lib.Budget, probes: Probes, output_directory:
     torso = features.random_init(budget.depth, 1, budget.seed, budget.image_size)
     results = _probe(torso, budget, probes)
     entry = _entry(RANDOM_INIT, budget, probes, results, None, 0.0, 0.0, time.perf_counter() - start, [])
-    _write_json(result_path(output_directory, RANDOM_INIT), entry)
+    report.write_json(result_path(output_directory, RANDOM_INIT), entry)
     return entry
