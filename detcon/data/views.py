@@ -25,10 +25,11 @@ def random_crop_window(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns int32 (offset [y, x], size [h, w]) of a random crop: the released DetCon formula.
 
-    Target area U(min_area, 1) of the image (0.08 by default; MoCo v2 uses 0.2), aspect ratio w/h log-uniform in [3/4, 4/3], sides rounded
-    and clamped to the image, offsets uniform over the valid positions.  Unlike
-    tf.image.sample_distorted_bounding_box it never rejects a draw, so large crops keep their
-    share (mean area 52% on a 500 x 375 image, against 36% for the rejection sampler).
+    Target area U(min_area, 1) of the image (0.08 by default; MoCo v2 uses 0.2), aspect ratio w/h
+    log-uniform in [3/4, 4/3], sides rounded and clamped to the image, offsets uniform over the
+    valid positions. Unlike tf.image.sample_distorted_bounding_box it never rejects a draw, so
+    large crops keep their share (mean area 52% on a 500 x 375 image, against 36% for the
+    rejection sampler).
     """
     height, width = image_shape[0], image_shape[1]
     area_seed, ratio_seed, y_seed, x_seed = tf.unstack(
