@@ -12,6 +12,7 @@ google-deepmind/deepmind-research byol/configs/byol.py (projector 4096 -> 256, p
 base_target_ema 0.996, LARS with lr 0.2 x B/256, weight decay 1.5e-6, 10 warm-up epochs of
 1000) and byol/utils/augmentations.py (the asymmetric view presets).
 """
+
 import ml_collections
 
 from configs import base
@@ -20,7 +21,7 @@ SETTINGS = dict(
     projector_hidden_size=4096,
     projector_output_size=256,
     predictor_hidden_size=4096,
-    base_ema=0.996,          # target EMA, cosine-ramped to 1
+    base_ema=0.996,  # target EMA, cosine-ramped to 1
 )
 
 

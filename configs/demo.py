@@ -5,6 +5,7 @@ Run (builds the demo dataset on first use, no download):
 Smoke run on synthetic data:
   python -m detcon.main_loop --config=configs/demo.py --mock_data --workdir=/tmp/w --max_steps=4
 """
+
 import ml_collections
 
 from configs import detcon_b

@@ -19,15 +19,17 @@ BatchNorm, on the 7 x 7 C5 grid), openselfsup/models/densecl.py (matches by back
 similarity, dense queue of pooled dense keys) and openselfsup/hooks/densecl_warmup_hook.py
 (lambda 0 for a warm-up; no released config enables it, so dense_warmup_steps defaults to 0).
 """
+
 import ml_collections
 
-from configs import base
-from configs import moco_v2
+from configs import base, moco_v2
 
-SETTINGS = dict(moco_v2.SETTINGS,
-                dense_hidden_size=2048,
-                dense_weight=0.5,        # lambda: (1 - lambda) global + lambda dense
-                dense_warmup_steps=0)    # lambda = 0 for this many first steps (official hook: 1000)
+SETTINGS = dict(
+    moco_v2.SETTINGS,
+    dense_hidden_size=2048,
+    dense_weight=0.5,  # lambda: (1 - lambda) global + lambda dense
+    dense_warmup_steps=0,
+)  # lambda = 0 for this many first steps (official hook: 1000)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -20,20 +20,20 @@ uses (0.1, 0.15, 0.3, 0.45). Departures from the port: the jigsaw cuts each augm
 into a 3 x 3 grid resized to patch_size (the port draws patches from a separate 0.6-1 crop at
 255 px, 85 px cells randomly cropped to 64 px, and uses hue 0.4); the patch order is not shuffled.
 """
+
 import ml_collections
 
-from configs import base
-from configs import moco_v2
+from configs import base, moco_v2
 
 SETTINGS = dict(
     projector_output_size=128,
     temperature=0.2,
-    queue_size=65_536,             # per queue: 4 global + 4 local
+    queue_size=65_536,  # per queue: 4 global + 4 local
     momentum=0.999,
     query_batch_norm="per_device",
     key_batch_norm="shuffle",
     stage_weights=(0.1, 0.4, 0.7, 1.0),  # res2..res5, the paper's
-    patch_size=64,                 # jigsaw cell side in pixels (the port's 64)
+    patch_size=64,  # jigsaw cell side in pixels (the port's 64)
 )
 
 

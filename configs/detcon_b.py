@@ -9,6 +9,7 @@ Smoke run on synthetic data:
 
 Numbers from google-deepmind/detcon detcon_b_config.py and detcon_b.py.
 """
+
 import ml_collections
 
 from configs import base
@@ -18,9 +19,9 @@ SETTINGS = dict(
     projector_output_size=256,
     predictor_hidden_size=4096,
     temperature=0.1,
-    num_samples=16,          # masks sampled per image and view
-    max_mask_id=256,         # ids per view renumbered below this; more segments fold into the last
-    base_ema=0.996,          # target EMA, cosine-ramped to 1
+    num_samples=16,  # masks sampled per image and view
+    max_mask_id=256,  # ids per view renumbered below this; more segments fold into the last
+    base_ema=0.996,  # target EMA, cosine-ramped to 1
 )
 
 

@@ -11,6 +11,7 @@ The DetCon paper (Sec. 3.2 and Appendix) trains DetCon-S as SimCLR: projector 20
 BatchNorm, temperature 0.1, LARS 0.3 x B/256, weight decay 1e-6, with 16 sampled FH masks per
 view as in DetCon-B.
 """
+
 import ml_collections
 
 from configs import base
@@ -19,7 +20,7 @@ SETTINGS = dict(
     projector_hidden_size=2048,
     projector_output_size=128,
     temperature=0.1,
-    num_samples=16,          # masks sampled per image and view
+    num_samples=16,  # masks sampled per image and view
     max_mask_id=256,
     augmentations="simclr",
 )

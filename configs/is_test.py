@@ -5,6 +5,7 @@ more than 4 devices):
   python -m detcon.main_loop --is_test
   python -m detcon.main_loop --config=configs/is_test.py --workdir=/tmp/detcon_is_test
 """
+
 import ml_collections
 
 from configs import detcon_b

@@ -16,6 +16,7 @@ batch 256, no warm-up, cosine; --aug-plus augmentations: crop area 0.2-1, jitter
 Departures: the learning rate is scaled linearly with the batch (0.03 x B/256, as MoCo's README
 advises by hand), and the cosine steps every update rather than once per epoch.
 """
+
 import ml_collections
 
 from configs import base
@@ -24,17 +25,17 @@ SETTINGS = dict(
     projector_hidden_size=2048,
     projector_output_size=128,
     temperature=0.2,
-    queue_size=65_536,             # a multiple of the global batch
-    momentum=0.999,                # key encoder, constant
+    queue_size=65_536,  # a multiple of the global batch
+    momentum=0.999,  # key encoder, constant
     query_batch_norm="per_device",  # or "cross_replica"
-    key_batch_norm="shuffle",       # or "cross_replica"
+    key_batch_norm="shuffle",  # or "cross_replica"
 )
 
 
 def moco_recipe(c: ml_collections.ConfigDict) -> None:
     """MoCo v2's optimiser, batch, epochs and crop scale, shared by DenseCL and DetCo."""
     c.optim.name = "sgd"
-    c.optim.base_learning_rate = 0.03   # x B/256
+    c.optim.base_learning_rate = 0.03  # x B/256
     c.optim.warmup_rule, c.optim.warmup_fraction = "fraction", 0.0  # MoCo warms up not at all
     c.optim.weight_decay = 1e-4
     c.optim.momentum = 0.9

@@ -11,6 +11,7 @@ Numbers from google-research/simclr: tf2/model.py (projection head: hidden = fea
 output 128, BatchNorm after each layer), tf2/run.py (temperature 0.1, LARS, learning rate
 0.3 x B/256, weight decay 1e-6, 10 warm-up epochs) and data_util.py (colour strength 1.0).
 """
+
 import ml_collections
 
 from configs import base

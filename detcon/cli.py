@@ -1,11 +1,14 @@
 """Command-line error reporting: a usage error is one line on stderr, not a page of help first."""
+
+import copy
 import functools
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
 
-from absl import app
-from absl import flags
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
 
 def fail(message: str, exit_code: int = 2) -> NoReturn:
@@ -49,6 +52,32 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(error))
     except (KeyError, AttributeError) as error:
         # ml_collections raises these (with a did-you-mean hint) for an unknown --config.<field>.
-        cause = error.__context__ if isinstance(error, AttributeError) and error.__context__ else error
+        cause = (
+            error.__context__ if isinstance(error, AttributeError) and error.__context__ else error
+        )
         field = str(cause.args[0] if cause.args else cause).strip("\"'")
         fail(f"a --config.<group>.<field> override names no field of the config: {field}")
+
+
+def override_config(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with 'group.field=value' overrides applied by ml_collections' own
+    --config.group.field=value parser (typed like the field); an unknown field raises ValueError."""
+    if not overrides:
+        return config
+    argv = ["override"] + [f"--config.{o}" for o in overrides]
+    flag_values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict(
+            "config", copy.deepcopy(config), flag_values=flag_values, sys_argv=argv
+        )
+        flag_values(argv)
+    except (KeyError, AttributeError) as error:  # ml_collections' unknown-field errors
+        raise ValueError(
+            f"{' '.join(overrides)}: names no field of the config "
+            f"({str(error).strip(chr(34) + chr(39))})"
+        ) from None
+    except flags.Error as error:
+        raise ValueError(f"{' '.join(overrides)}: {error}") from None
+    return flag_values.config

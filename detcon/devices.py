@@ -1,4 +1,5 @@
 """Placing host data on the local devices for pmap (jax.device_put_replicated/_sharded are gone)."""
+
 from typing import Any, Sequence
 
 import jax
@@ -20,7 +21,8 @@ def shard(tree: Any, devices: Sequence[jax.Device]) -> Any:
     if jax.process_count() > 1:
         sharding = _sharding(jax.devices())
         return jax.tree_util.tree_map(
-            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+        )
     sharding = _sharding(devices)
     return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
 
@@ -33,5 +35,11 @@ def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
 
 def unreplicate(tree: Any) -> Any:
     """The first local copy of a replicated pytree, on the host."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
-                                  if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
+    return jax.tree_util.tree_map(
+        lambda x: (
+            np.asarray(x.addressable_shards[0].data)[0]
+            if isinstance(x, jax.Array)
+            else np.asarray(x)[0]
+        ),
+        tree,
+    )

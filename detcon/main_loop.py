@@ -1,36 +1,45 @@
-"""Pretraining entry point: flags -> config -> train.run(config, workdir).
+"""Pretraining entry point: flags -> config -> train_loop.run(config, workdir).
 
   python -m detcon.main_loop --config=configs/demo.py --workdir=/tmp/detcon_demo
   python -m detcon.main_loop --config=configs/byol.py --mock_data --max_steps=2 --workdir=/tmp/w
   python -m detcon.main_loop --dataset_directory=/data/imagenet-fh --pretrain_epochs=1000 \\
       --batch_size=4096 --workdir=/ckpt/detcon_b
 """
+
 import os
 import sys
 import tempfile
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from detcon import cli
-from detcon import errors
+from detcon import cli, errors
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "detcon_b.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (ml_collections).")
+_DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "detcon_b.py"
+)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Config file (ml_collections)."
+)
 # The official release's flags; when given they override the config.
-flags.DEFINE_string("dataset_directory", None, "TFRecords with FH masks (scripts/generate_fh_masks.py).")
+flags.DEFINE_string(
+    "dataset_directory", None, "TFRecords with FH masks (scripts/generate_fh_masks.py)."
+)
 flags.DEFINE_integer("pretrain_epochs", None, "Pretraining epochs.")
 flags.DEFINE_integer("batch_size", None, "Global batch size over all devices and hosts.")
 flags.DEFINE_bool("is_test", False, "Selects configs/is_test.py: one ResNet-50 step on mock data.")
 flags.DEFINE_float("log_tensors_interval", None, "Log at least every this many seconds.")
 # Ours.
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs; resumes if present.")
+flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs; resumes if present."
+)
 flags.DEFINE_integer("max_steps", None, "Overrides the step count derived from epochs.")
-flags.DEFINE_integer("restore_step", None, "Resume from this checkpoint step (after divergence); "
-                     "later checkpoints are moved to <workdir>/checkpoints_after_<N>.")
+flags.DEFINE_integer(
+    "restore_step",
+    None,
+    "Resume from this checkpoint step (after divergence); "
+    "later checkpoints are moved to <workdir>/checkpoints_after_<N>.",
+)
 flags.DEFINE_bool("mock_data", None, "Synthetic batches; no dataset needed.")
 flags.DEFINE_integer("log_every_steps", None, "Log every this many steps.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
@@ -53,11 +62,14 @@ _OVERRIDES = {  # flag -> (config group, field)
 def _initialise_distributed() -> None:
     """Joins a multi-host run: explicit flags, or auto-detection on SLURM / Cloud TPU pods."""
     import jax
+
     explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
-                                 "together; give all three or none.")
+            raise app.UsageError(
+                "--coordinator_address, --num_processes and --process_id go "
+                "together; give all three or none."
+            )
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ:
         jax.distributed.initialize()  # JAX reads the cluster from the environment
@@ -76,6 +88,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if FLAGS.is_test:
         from configs import is_test
+
         config = is_test.get_config()
     for flag, (group, field) in _OVERRIDES.items():
         if FLAGS[flag].value is not None:
@@ -83,18 +96,20 @@ def main(argv: list[str]) -> None:
     workdir = FLAGS.workdir
     _initialise_distributed()
     import jax  # after distributed init
+
     if FLAGS.is_test:
         devices = jax.device_count()  # 4, or one example per device where there are more
         config.training.batch_size = -(-config.training.batch_size // devices) * devices
         workdir = workdir or tempfile.mkdtemp(prefix="detcon_is_test_")
     if not workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there).")
-    from detcon import compilation_cache
-    from detcon import train
+    from detcon.train.loop import compilation_cache
+    from detcon.train.loop import loop as train_loop
+
     compilation_cache.enable(config.training.compilation_cache)
     logging.info("Config:\n%s", config)
     try:
-        result = train.run(config, workdir)
+        result = train_loop.run(config, workdir)
     except (errors.RunStopped, FileNotFoundError) as error:
         logging.error("%s", error)  # the message says what happened and what to do; no traceback
         sys.exit(getattr(error, "exit_code", 1))

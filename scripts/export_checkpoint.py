@@ -12,77 +12,44 @@ single file: DeepMind's pickled .npy/.pkl releases (need --allow_pickle) or an .
 script. Depth and width come from the run's config (files: from the parameter shapes). See
 docs/finetune.md for the detectron2 / MMSegmentation settings these weights need.
 """
+
 import os
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
-import numpy as np
+from absl import app, flags, logging
 
 from detcon import cli
-from detcon import export
-from detcon import pretrained
+from detcon.weights import export
+from detcon.weights import torso as torso_lib
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Run workdir (latest checkpoint), checkpoint step directory, or a "
-    ".npy/.pkl/.npz checkpoint file.", required=True)
-_FORMAT = flags.DEFINE_enum("format", None, list(export.FORMATS), "Output format.",
-                            required=True)
+    "checkpoint",
+    None,
+    "Run workdir (latest checkpoint), checkpoint step directory, or a "
+    ".npy/.pkl/.npz checkpoint file.",
+    required=True,
+)
+_FORMAT = flags.DEFINE_enum("format", None, list(export.FORMATS), "Output format.", required=True)
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "Output path. torchvision writes PATH.safetensors and, when torch is "
-    "importable, PATH.pth; detectron2 writes PATH.pkl; npz writes PATH.npz.", required=True)
-_NETWORK = flags.DEFINE_enum("network", "online", ["online", "target"],
-                             "Which encoder to export: the online one or its EMA target.")
+    "output",
+    None,
+    "Output path. torchvision writes PATH.safetensors and, when torch is "
+    "importable, PATH.pth; detectron2 writes PATH.pkl; npz writes PATH.npz.",
+    required=True,
+)
+_NETWORK = flags.DEFINE_enum(
+    "network",
+    "online",
+    ["online", "target"],
+    "Which encoder to export: the online one or its EMA target.",
+)
 _ALLOW_PICKLE = flags.DEFINE_bool(
-    "allow_pickle", False, "Permit loading a pickled .npy/.pkl checkpoint (e.g. DeepMind's "
+    "allow_pickle",
+    False,
+    "Permit loading a pickled .npy/.pkl checkpoint (e.g. DeepMind's "
     "released BYOL/DetCon weights). Unpickling EXECUTES CODE stored in the file: pass this only "
-    "for files from a source you trust.")
-
-
-def _reference_torso(depth: int, width: int) -> tuple[dict, dict]:
-    """Zero-filled Haiku (params, state) of our torso; only names, shapes and dtypes matter."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from detcon.networks import torso_fn  # pylint: disable=import-outside-toplevel
-    images = np.zeros((1, 64, 64, 3), np.float32)
-    # eval_shape traces without compiling or drawing random numbers: fast even for ResNet-200.
-    shapes = jax.eval_shape(
-        lambda x: torso_fn(depth, width).init(jax.random.PRNGKey(0), x, is_training=True), images)
-    zeros = lambda tree: {m: {k: np.zeros(v.shape, v.dtype) for k, v in leaves.items()}
-                          for m, leaves in tree.items()}
-    return zeros(shapes[0]), zeros(shapes[1])
-
-
-def _load_file(path: str, network: str, allow_pickle: bool) -> tuple[dict, dict, int, int]:
-    """(params, state, depth, width) of the torso in a DeepMind-style or .npz checkpoint file."""
-    loaded = pretrained.load_deepmind_checkpoint(path, allow_pickle=allow_pickle)
-    source_params, _ = pretrained.split_checkpoint(loaded, network)
-    depth, width = export.infer_torso_architecture(source_params)
-    ref_params, ref_state = _reference_torso(depth, width)
-    params, state, report = pretrained.match_torso_params(loaded, ref_params, ref_state,
-                                                          network=network)
-    print(report.summary())
-    if not report.ok:
-        raise app.UsageError(f"{path}: the ResNet-{depth} torso is incomplete (see the report "
-                             f"above); refusing to export weights with holes in them.")
-    return params, state, depth, width
-
-
-def _load_run(path: str, network: str) -> tuple[dict, dict, int, int]:
-    """(params, state, depth, width) of a training run's checkpoint via detcon.checkpoint."""
-    try:
-        from detcon.checkpoint import load_network  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-        raise app.UsageError(f"Cannot read training checkpoints: {e}. --checkpoint={path} is a "
-                             f"directory, which needs detcon.checkpoint.load_network.") from e
-    params, state, config = load_network(path, network)
-    depth = int(config["model"]["depth"])
-    width = int(config["model"].get("width_multiplier", 1))
-    found = export.infer_torso_architecture(params)
-    if found != (depth, width):
-        raise app.UsageError(f"{path}: config says ResNet-{depth} x{width} but the parameters "
-                             f"hold ResNet-{found[0]} x{found[1]}.")
-    return params, state, depth, width
+    "for files from a source you trust.",
+)
 
 
 def _width_hint(fmt: str, depth: int, width: int) -> str:
@@ -91,13 +58,17 @@ def _width_hint(fmt: str, depth: int, width: int) -> str:
         return ""
     out = 256 if export.RESNET_DEPTHS[depth][1] else 64
     if fmt == "torchvision":
-        return (f"note: width x{width} does not fit torchvision's stock resnet{depth} (64-channel "
-                f"stem); MMSegmentation's ResNet loads it with stem_channels={64 * width}, "
-                f"base_channels={64 * width}.")
+        return (
+            f"note: width x{width} does not fit torchvision's stock resnet{depth} (64-channel "
+            f"stem); MMSegmentation's ResNet loads it with stem_channels={64 * width}, "
+            f"base_channels={64 * width}."
+        )
     if fmt == "detectron2":
-        return (f"note: width x{width}: set MODEL.RESNETS.STEM_OUT_CHANNELS {64 * width} "
-                f"MODEL.RESNETS.RES2_OUT_CHANNELS {out * width} "
-                f"MODEL.RESNETS.WIDTH_PER_GROUP {64 * width}.")
+        return (
+            f"note: width x{width}: set MODEL.RESNETS.STEM_OUT_CHANNELS {64 * width} "
+            f"MODEL.RESNETS.RES2_OUT_CHANNELS {out * width} "
+            f"MODEL.RESNETS.WIDTH_PER_GROUP {64 * width}."
+        )
     return ""
 
 
@@ -110,25 +81,35 @@ def main(argv: list[str]) -> None:
     try:
         # Fail on a bad --output before spending time loading the checkpoint.
         export.output_paths(_OUTPUT.value, _FORMAT.value, with_torch=False)
-        if os.path.isdir(path):
-            params, state, depth, width = _load_run(path, _NETWORK.value)
-        elif os.path.isfile(path):
-            params, state, depth, width = _load_file(path, _NETWORK.value, _ALLOW_PICKLE.value)
-        else:
-            raise FileNotFoundError(f"--checkpoint={path} does not exist.")
-        metadata: dict[str, Any] = {"format": "pt", "source": "detcon", "checkpoint": path,
-                                    "network": _NETWORK.value, "depth": str(depth),
-                                    "width_multiplier": str(width)}
-        written = export.export_torso(params, state, depth, _FORMAT.value, _OUTPUT.value,
-                                      metadata)
+        loaded = torso_lib.load(path, _NETWORK.value, allow_pickle=_ALLOW_PICKLE.value)
+        if loaded.report is not None:
+            print(loaded.report.summary())
+        torso = loaded.torso
+        params, state, depth, width = (
+            torso.params,
+            torso.state,
+            torso.depth,
+            torso.width_multiplier,
+        )
+        metadata: dict[str, Any] = {
+            "format": "pt",
+            "source": "detcon",
+            "checkpoint": path,
+            "network": _NETWORK.value,
+            "depth": str(depth),
+            "width_multiplier": str(width),
+        }
+        written = export.export_torso(params, state, depth, _FORMAT.value, _OUTPUT.value, metadata)
     except (ValueError, KeyError, FileNotFoundError) as e:
         # These carry a message meant for the user; a traceback would only bury it.
         raise SystemExit(f"export_checkpoint: error: {e.args[0] if e.args else e}") from e
     for p in written:
         print(f"wrote {p} ({os.path.getsize(p) / 2**20:.1f} MiB)")
     if _FORMAT.value == "torchvision" and not written[-1].endswith(".pth"):
-        print("torch is not importable here, so no .pth was written; in PyTorch use "
-              "safetensors.torch.load_file() on the .safetensors file.")
+        print(
+            "torch is not importable here, so no .pth was written; in PyTorch use "
+            "safetensors.torch.load_file() on the .safetensors file."
+        )
     hint = _width_hint(_FORMAT.value, depth, width)
     if hint:
         print(hint)

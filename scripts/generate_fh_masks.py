@@ -22,10 +22,11 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
-from detcon import cli  # noqa: E402
-from detcon.data import image_folder, mask_job, schema, shards  # noqa: E402
+from detcon import cli
+from detcon.data import schema, shards
+from detcon.data.build import image_folder, mask_job
 
 _TRAIN_DIRECTORY = flags.DEFINE_string(
     "train_directory", None, "Training images: DIR/<class>/<image> or a flat folder."
@@ -91,8 +92,11 @@ def _training_classes(listings: dict) -> list[str] | None:
     """The train split's label map: this run's listing, else the output's train manifest."""
     if "train" in listings:
         return listings["train"].classes
-    manifest = shards.read_manifest(_OUTPUT_DIRECTORY.value, "train") if os.path.isdir(
-        _OUTPUT_DIRECTORY.value) else None
+    manifest = (
+        shards.read_manifest(_OUTPUT_DIRECTORY.value, "train")
+        if os.path.isdir(_OUTPUT_DIRECTORY.value)
+        else None
+    )
     return None if manifest is None else manifest.get("classes")
 
 

@@ -4,7 +4,7 @@ r"""Writes the synthetic-scenes dataset: pretraining shards with FH masks, a VOC
 
 Writes `pretrain/` (TFRecords with FH masks, the real-data schema), `voc/` (PASCAL VOC layout with
 ground-truth shape classes) and `classification/` (one object per image, label = shape) under
---output_directory; see detcon/data/scenes.py.  Same flags, same bytes: a re-run with the same
+--output_directory; see detcon/data/build/scenes.py.  Same flags, same bytes: a re-run with the same
 flags returns at once, one with other flags is refused.
 """
 
@@ -15,9 +15,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from detcon.data import mask_job, pipeline, scene_render, scenes  # noqa: E402
+from detcon.data import pipeline
+from detcon.data.build import mask_job, scene_render, scenes
 
 _DEFAULT_SPEC = scenes.SceneDatasetSpec()
 _DEFAULT_SCENE = scene_render.SceneParams()

@@ -13,12 +13,13 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from PIL import Image, ImageDraw
 
-from detcon.data import demo, pipeline  # noqa: E402
+from detcon.data import pipeline
+from detcon.data.build import demo
 
 _DATASET_DIRECTORY = flags.DEFINE_string(
     "dataset_directory", None, "Shards to show; default: the demo dataset."

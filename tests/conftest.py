@@ -1,11 +1,14 @@
 """Test setup: 8 fake CPU devices for multi-device tests, set before JAX is imported."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Subprocess runs of the same program (resume, multi-process) reuse compilations.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), f"detcon_test_jax_cache_{os.getuid()}"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"detcon_test_jax_cache_{os.getuid()}"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -14,15 +17,30 @@ if "xla_force_host_platform_device_count" not in _flags:
 import importlib  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+# Methods defined outside the package join the registry-wide tests (the method contract) when
+# their modules are named here, comma-separated; each module also defines get_config().
+EXTRA_METHOD_MODULES = [m for m in os.environ.get("DETCON_EXTRA_METHODS", "").split(",") if m]
+for _module in EXTRA_METHOD_MODULES:
+    importlib.import_module(_module)
+
+
 def load_config(name: str):
-    """get_config() of the configs.<name> module."""
-    return importlib.import_module(f"configs.{name}").get_config()
+    """get_config() of configs.<name>, else of the module that registered method `name`."""
+    try:
+        return importlib.import_module(f"configs.{name}").get_config()
+    except ModuleNotFoundError as error:
+        if error.name != f"configs.{name}":
+            raise
+    from detcon import methods  # after the device flags above
+
+    return sys.modules[methods.get(name).__module__].get_config()
 
 
 def logged(workdir: str, key: str) -> list:
@@ -34,12 +52,12 @@ def logged(workdir: str, key: str) -> list:
 def shrink_heads(c) -> None:
     """Cuts the method's head sizes, sampled masks, queues and patches of config `c` to CPU-test
     sizes (queues of 64 hold whole batches of 8, 16, 32 or 64)."""
-    settings = c[c.method]
-    for field, size in (("projector_hidden_size", 64), ("predictor_hidden_size", 64),
-                        ("projector_output_size", 32), ("dense_hidden_size", 64),
-                        ("num_samples", 4), ("queue_size", 64), ("patch_size", 32)):
-        if field in settings and settings[field] > 0:
-            settings[field] = size
+    from detcon import methods
+
+    sizes = methods.HeadSizes(
+        hidden=lambda width: 64, output=32, num_samples=4, queue_size=64, patch_size=32
+    )
+    methods.get(c.method).resize(c[c.method], sizes)
 
 
 def tiny_config(batch_size: int = 8, image_size: int = 64, method: str = "demo"):
@@ -70,6 +88,7 @@ def _release_compiled_programs():
     does not hold every module's compiled steps at once (the persistent cache still serves them)."""
     yield
     import jax
+
     jax.clear_caches()
 
 
@@ -79,6 +98,7 @@ def _restore_absl_verbosity():
     evaluate CLI tests) applies --verbosity's default, WARNING, which would hide the INFO lines a
     later test reads from the log."""
     import logging
+
     absl_logger = logging.getLogger("absl")
     before = absl_logger.level
     yield

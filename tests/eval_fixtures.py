@@ -1,4 +1,5 @@
 """Small on-disk datasets for the evaluation tests: labelled TFRecords and a VOC-layout set."""
+
 import os
 
 import numpy as np
@@ -15,11 +16,14 @@ def class_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
-def write_tfrecords(directory: str, per_class: dict[str, int], num_classes: int, size: int = 40,
-                    seed: int = 0) -> None:
+def write_tfrecords(
+    directory: str, per_class: dict[str, int], num_classes: int, size: int = 40, seed: int = 0
+) -> None:
     """train/validation shards in our schema, labels stored 1..num_classes, classes by colour."""
     import tensorflow as tf
+
     from detcon.data import image_codec, schema, shards
+
     rng = np.random.default_rng(seed)
     os.makedirs(directory, exist_ok=True)
     for split, count in per_class.items():
@@ -29,8 +33,13 @@ def write_tfrecords(directory: str, per_class: dict[str, int], num_classes: int,
                 label = i % num_classes
                 jpeg = image_codec.encode_jpeg(class_image(label, size, rng))
                 example = schema.build_example(
-                    jpeg=jpeg, height=size, width=size, filename=f"{split}_{i}.jpg",
-                    segmentations=np.zeros((1, size, size), np.uint8), label=label + 1)
+                    jpeg=jpeg,
+                    height=size,
+                    width=size,
+                    filename=f"{split}_{i}.jpg",
+                    segmentations=np.zeros((1, size, size), np.uint8),
+                    label=label + 1,
+                )
                 writer.write(example.SerializeToString())
 
 
@@ -48,8 +57,8 @@ def scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray
     label = np.zeros((height, width), np.uint8)
     y, x = rng.integers(0, height // 2), rng.integers(0, width // 2)
     side = min(height, width) // 2
-    image[y:y + side, x:x + side] = (240, 240, 40)
-    label[y:y + side, x:x + side] = 1
+    image[y : y + side, x : x + side] = (240, 240, 40)
+    label[y : y + side, x : x + side] = 1
     yy, xx = np.mgrid[:height, :width]
     cy, cx = rng.integers(height // 4, 3 * height // 4), rng.integers(width // 4, 3 * width // 4)
     disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (side // 2) ** 2
@@ -60,8 +69,14 @@ def scene(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray
     return image, label
 
 
-def write_voc(root: str, num_train: int = 6, num_val: int = 4, height: int = 48, width: int = 64,
-              seed: int = 0) -> None:
+def write_voc(
+    root: str,
+    num_train: int = 6,
+    num_val: int = 4,
+    height: int = 48,
+    width: int = 64,
+    seed: int = 0,
+) -> None:
     """A PASCAL VOC-layout set: JPEGImages, palette PNGs in SegmentationClass, ImageSets."""
     rng = np.random.default_rng(seed)
     for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
@@ -70,8 +85,9 @@ def write_voc(root: str, num_train: int = 6, num_val: int = 4, height: int = 48,
         ids = [f"{split}_{i:03d}" for i in range(count)]
         for image_id in ids:
             image, label = scene(height, width, rng)
-            Image.fromarray(image).save(os.path.join(root, "JPEGImages", image_id + ".jpg"),
-                                        quality=95)
+            Image.fromarray(image).save(
+                os.path.join(root, "JPEGImages", image_id + ".jpg"), quality=95
+            )
             palette_png(label, os.path.join(root, "SegmentationClass", image_id + ".png"))
         with open(os.path.join(root, "ImageSets", "Segmentation", split + ".txt"), "w") as f:
             f.write("\n".join(ids) + "\n")

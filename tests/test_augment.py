@@ -1,4 +1,5 @@
-"""Tests for detcon.augment: ranges, each op's formula, BYOL frequencies, batching, tracing."""
+"""Tests for detcon.ops.augment: ranges, each op's formula, BYOL frequencies, batching, tracing."""
+
 import dataclasses
 import functools
 
@@ -9,12 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detcon import augment
+from detcon.ops import augment
 
 # Every op off; each test switches on exactly what it checks.
-ALL_OFF = augment.AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
-                                color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
-                                solarize_prob=0.0)
+ALL_OFF = augment.AugmentConfig(
+    brightness=0.0,
+    contrast=0.0,
+    saturation=0.0,
+    hue=0.0,
+    color_jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    solarize_prob=0.0,
+)
 
 
 def _only(**overrides) -> augment.AugmentConfig:
@@ -90,7 +98,7 @@ def test_blur_only_with_fixed_sigma_matches_hand_convolution_of_a_delta():
     out, _ = _run(_keys(1), image, _only(blur_prob=1.0, blur_sigma=(sigma, sigma)))
     out = np.asarray(out)[0]
     offsets = np.arange(-3, 4)
-    weights = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    weights = np.exp(-(offsets**2) / (2 * sigma**2))
     weights /= weights.sum()
     expected = np.zeros((size, size, 3))
     expected[29:36, 17:24] = np.outer(weights, weights)[..., None] * np.array([1.0, 0.5, 0.25])
@@ -115,8 +123,9 @@ def test_brightness_only_adds_one_constant_shift_per_image():
     # Over the full range the shifted values clip to [0, 1].
     keys, images = _keys(16), _random_images(4, 16, 8)
     out, draws = _run(keys, images, _only(brightness=0.4, color_jitter_prob=1.0))
-    expected = np.clip(np.asarray(images) + np.asarray(draws.brightness_delta)[:, None, None, None],
-                       0.0, 1.0)
+    expected = np.clip(
+        np.asarray(images) + np.asarray(draws.brightness_delta)[:, None, None, None], 0.0, 1.0
+    )
     np.testing.assert_allclose(out, expected, atol=1e-6)
 
 
@@ -147,8 +156,11 @@ def test_saturation_and_hue_only_match_dm_pix(op):
 
 def test_color_jitter_composes_dm_pix_ops_in_the_drawn_order():
     params = augment.sample_params(jax.random.PRNGKey(0), augment.VIEW2)._replace(
-        brightness_delta=jnp.float32(0.4), contrast_factor=jnp.float32(0.6),
-        saturation_factor=jnp.float32(0.8), hue_delta=jnp.float32(0.1))
+        brightness_delta=jnp.float32(0.4),
+        contrast_factor=jnp.float32(0.6),
+        saturation_factor=jnp.float32(0.8),
+        hue_delta=jnp.float32(0.1),
+    )
     reference_ops = (
         lambda x: x + params.brightness_delta,
         lambda x: dm_pix.adjust_contrast(x, params.contrast_factor),
@@ -164,8 +176,12 @@ def test_color_jitter_composes_dm_pix_ops_in_the_drawn_order():
             reference = image
             for op in order.tolist():
                 reference = jnp.clip(reference_ops[op](reference), 0.0, 1.0)
-            results.append((augment.color_jitter(image, params._replace(jitter_order=order),
-                                                 augment.VIEW2), reference))
+            results.append(
+                (
+                    augment.color_jitter(image, params._replace(jitter_order=order), augment.VIEW2),
+                    reference,
+                )
+            )
         return results
 
     results = jitter_and_reference(_random_images(6, 1, 8)[0])
@@ -205,8 +221,11 @@ def test_view_frequencies_match_byol_probabilities():
 def test_augment_image_is_apply_params_of_sample_params():
     key, image = jax.random.PRNGKey(7), _random_images(7, 1, 16)[0]
     params = augment.sample_params(key, augment.VIEW2)._replace(
-        apply_jitter=jnp.array(True), apply_grayscale=jnp.array(False),
-        apply_blur=jnp.array(True), apply_solarize=jnp.array(True))
+        apply_jitter=jnp.array(True),
+        apply_grayscale=jnp.array(False),
+        apply_blur=jnp.array(True),
+        apply_solarize=jnp.array(True),
+    )
 
     @jax.jit
     def by_hand_and_by_module(image, params):
@@ -226,8 +245,9 @@ def test_batch_equals_per_image_and_is_invariant_to_splitting():
     single = jax.jit(augment.augment_image, static_argnames="config")
     per_image = jnp.stack([single(keys[i], images[i], config=augment.VIEW2) for i in range(8)])
     np.testing.assert_allclose(whole, per_image, atol=1e-6)
-    halves = jnp.concatenate([_run(keys[:4], images[:4], augment.VIEW2)[0],
-                              _run(keys[4:], images[4:], augment.VIEW2)[0]])
+    halves = jnp.concatenate(
+        [_run(keys[:4], images[:4], augment.VIEW2)[0], _run(keys[4:], images[4:], augment.VIEW2)[0]]
+    )
     np.testing.assert_array_equal(whole, halves)
     # New-style typed keys with the same seed draw the same augmentation.
     typed = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(4)))(jnp.arange(8))
@@ -250,8 +270,10 @@ def test_jit_traces_once_per_shape():
 
 def test_normalize_standardises_with_imagenet_statistics():
     mean, std = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
-    images = jnp.asarray(np.stack([np.broadcast_to(mean, (4, 4, 3)),
-                                   np.broadcast_to(mean + std, (4, 4, 3))]), jnp.float32)
+    images = jnp.asarray(
+        np.stack([np.broadcast_to(mean, (4, 4, 3)), np.broadcast_to(mean + std, (4, 4, 3))]),
+        jnp.float32,
+    )
     out = augment.normalize(images)
     assert out.shape == (2, 4, 4, 3) and out.dtype == jnp.float32
     np.testing.assert_allclose(out[0], 0.0, atol=1e-6)
@@ -264,5 +286,6 @@ def test_matmul_blur_equals_dm_pix(sigma, size):
     image = jax.random.uniform(jax.random.PRNGKey(3), size + (3,))
     k = augment.blur_kernel_size(*size)
     expected = dm_pix.gaussian_blur(image, sigma, k)
-    np.testing.assert_allclose(augment.gaussian_blur(image, jnp.float32(sigma), k), expected,
-                               atol=2e-6)
+    np.testing.assert_allclose(
+        augment.gaussian_blur(image, jnp.float32(sigma), k), expected, atol=2e-6
+    )

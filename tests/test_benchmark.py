@@ -1,4 +1,6 @@
-"""scripts/benchmark.py: the step compiles to one program whatever the batch; every part runs."""
+"""scripts/benchmark.py and detcon.benchmark: the step compiles to one program whatever the batch;
+every part runs; config overrides go through ml_collections."""
+
 import importlib.util
 import json
 import os
@@ -8,7 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from detcon import cli
+from detcon.benchmark import flops as flops_lib
+from detcon.benchmark import step as step_lib
+
+from conftest import REPO, load_config, tiny_config
 
 _spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(_spec)
@@ -25,20 +31,32 @@ def test_step_program_does_not_grow_with_the_batch():
     it); a per-example loop would add ops in proportion to the batch.
     """
     config = tiny_config(batch_size=8)
-    small = benchmark.lower_step(config, per_device_batch=2)
-    large = benchmark.lower_step(config, per_device_batch=8)
-    assert benchmark.stablehlo_op_count(small) == benchmark.stablehlo_op_count(large) > 1000
+    small = step_lib.lower_step(config, per_device_batch=2)
+    large = step_lib.lower_step(config, per_device_batch=8)
+    assert flops_lib.stablehlo_op_count(small) == flops_lib.stablehlo_op_count(large) > 1000
     # Not vacuous: the two programs really are for different batches.
     assert "x2x64x64x3x" in small.as_text() and "x8x64x64x3x" in large.as_text()
 
 
 def test_step_and_masks_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    results = benchmark.main([
-        "--what=step,masks", "--config=demo,configs/simclr.py", "--depth=10", "--image_size=32", "--devices=1",
-        "--per_device_batch=2", "--steps=1", "--warmup=1", "--mask_batch=4",
-        "--mask_image_size=64", "--mask_repeats=2", f"--json={out}",
-        *(f"--compiler_option={k}={v}" for k, v in _FAST_COMPILE.items())])
+    results = benchmark.main(
+        [
+            "--what=step,masks",
+            "--config=demo,configs/simclr.py",
+            "--depth=10",
+            "--image_size=32",
+            "--devices=1",
+            "--per_device_batch=2",
+            "--steps=1",
+            "--warmup=1",
+            "--mask_batch=4",
+            "--mask_image_size=64",
+            "--mask_repeats=2",
+            f"--json={out}",
+            *(f"--compiler_option={k}={v}" for k, v in _FAST_COMPILE.items()),
+        ]
+    )
     written = json.loads(out.read_text())
     assert written["machine"]["local_devices"] == 8 and len(written["step"]) == 2
     printed = capsys.readouterr().out
@@ -65,16 +83,16 @@ def test_step_and_masks_rows(tmp_path, capsys):
 
 
 def test_resnet50_uses_the_published_flop_count():
-    flops = benchmark.forward_flops(50, 224)
+    flops = flops_lib.forward_flops(50, 224)
     assert flops["model_forward_flops"] == pytest.approx(8.2e9)
     # Counted from the jaxpr: 4.09 GMACs, the figure usually quoted for ResNet-50.
     assert flops["counted_forward_flops"] == pytest.approx(2 * 4.09e9, rel=0.005)
 
 
 def test_peak_flops_by_device_kind():
-    assert benchmark.peak_flops("NVIDIA H200", None) == 989e12
-    assert benchmark.peak_flops("cpu", None) is None
-    assert benchmark.peak_flops("cpu", 1.5) == 1.5e12
+    assert flops_lib.peak_flops("NVIDIA H200", None) == 989e12
+    assert flops_lib.peak_flops("cpu", None) is None
+    assert flops_lib.peak_flops("cpu", 1.5) == 1.5e12
 
 
 def test_unknown_part_is_rejected(capsys):
@@ -86,24 +104,55 @@ def test_unknown_part_is_rejected(capsys):
 def test_step_benchmark_imports_no_tensorflow():
     """The script, with the step and model, loads without TensorFlow (a GPU host may lack it)."""
     script = str(REPO / "scripts" / "benchmark.py")
-    code = ("import importlib.util, sys; "
-            f"spec = importlib.util.spec_from_file_location('b', {script!r}); "
-            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
-            "assert 'detcon.step' in sys.modules; "
-            "assert 'tensorflow' not in sys.modules, 'TensorFlow imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
-                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    code = (
+        "import importlib.util, sys; "
+        f"spec = importlib.util.spec_from_file_location('b', {script!r}); "
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+        "assert 'detcon.train.step' in sys.modules; "
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow imported'"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def test_pipeline_and_fh_rows(tmp_path):
-    results = benchmark.main([
-        "--what=pipeline,fh", "--image_size=32", "--photo_side=96", "--pipeline_batch=2",
-        "--pipeline_batches=2", "--pipeline_warmup=1", "--num_parallel_calls=1",
-        "--fh_scales=100", "--fh_min_sizes=50", "--fh_workers=1", "--fh_rounds=1",
-        f"--work_directory={tmp_path}"])
+    results = benchmark.main(
+        [
+            "--what=pipeline,fh",
+            "--image_size=32",
+            "--photo_side=96",
+            "--pipeline_batch=2",
+            "--pipeline_batches=2",
+            "--pipeline_warmup=1",
+            "--num_parallel_calls=1",
+            "--fh_scales=100",
+            "--fh_min_sizes=50",
+            "--fh_workers=1",
+            "--fh_rounds=1",
+            f"--work_directory={tmp_path}",
+        ]
+    )
     (row,) = results["pipeline"]
     assert row["num_parallel_calls"] == 1 and row["pairs_per_s"] > 0
     assert row["pairs_per_s_per_core"] == pytest.approx(row["pairs_per_s"])
     bare, writer = results["fh"]
     assert bare["images"] == writer["images"] == 12
     assert bare["images_per_s"] > 0 and writer["images_per_s_per_worker"] > 0
+
+
+def test_set_overrides_use_the_config_field_types_and_reject_unknown_fields():
+    base = load_config("detcon_b")
+    changed = cli.override_config(
+        base, ["model.one_pass_views=False", "training.batch_size=64", "detcon_b.temperature=0.2"]
+    )
+    assert changed.model.one_pass_views is False and changed.training.batch_size == 64
+    assert changed.detcon_b.temperature == 0.2
+    assert base.model.one_pass_views is True and base.training.batch_size == 4096  # a copy
+    with pytest.raises(ValueError, match="names no field of the config"):
+        cli.override_config(base, ["model.no_such_field=1"])
+    with pytest.raises(ValueError, match="batch_size"):
+        cli.override_config(base, ["training.batch_size=many"])

@@ -1,12 +1,14 @@
 """Checkpoint restore: exact round trip, and a clear refusal of an older optimiser's state."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from detcon import checkpoint, optim
-from detcon.state import TrainState
+from detcon.train.loop import optim
+from detcon.train.state import TrainState
+from detcon.workdir import checkpoint
 
 _PARAMS = {"conv2_d": {"w": jnp.arange(12.0).reshape(3, 4)}, "linear": {"b": jnp.ones(4)}}
 
@@ -15,7 +17,9 @@ def _state(optimizer: optax.GradientTransformation, step: int = 3) -> TrainState
     """A small state whose optimiser has taken one update, so its trace is non-zero."""
     grads = jax.tree_util.tree_map(lambda p: 0.5 * jnp.ones_like(p), _PARAMS)
     _, opt_state = optimizer.update(grads, optimizer.init(_PARAMS), _PARAMS)
-    return TrainState(_PARAMS, {}, _PARAMS, {}, opt_state, jnp.int32(step), jax.random.PRNGKey(1), {})
+    return TrainState(
+        _PARAMS, {}, _PARAMS, {}, opt_state, jnp.int32(step), jax.random.PRNGKey(1), {}
+    )
 
 
 def _schedule(count):
@@ -37,8 +41,14 @@ def test_restore_round_trips_the_current_optimiser_state(tmp_path):
 
 
 def test_state_of_optax_lars_is_refused_with_a_one_line_message(tmp_path):
-    old = optax.lars(_schedule, weight_decay=1.5e-6, weight_decay_mask=optim.lars_mask,
-                     trust_coefficient=1e-3, trust_ratio_mask=optim.lars_mask, momentum=0.9)
+    old = optax.lars(
+        _schedule,
+        weight_decay=1.5e-6,
+        weight_decay_mask=optim.lars_mask,
+        trust_coefficient=1e-3,
+        trust_ratio_mask=optim.lars_mask,
+        momentum=0.9,
+    )
     manager = checkpoint.make_manager(str(tmp_path), keep=2)
     checkpoint.save(manager, _state(old), {})
     manager.close()

@@ -1,5 +1,6 @@
 """The learning-signal study: one budget for every method, the reports, resume, and the whole
 pipeline on tiny scenes (two methods, two steps)."""
+
 import dataclasses
 import importlib
 import json
@@ -8,32 +9,45 @@ import os
 import pytest
 
 from detcon import methods as methods_lib
-from detcon import optim
-from detcon import train
-from detcon.data import scenes
-from detcon.data import scene_render
+from detcon.data.build import scene_render, scenes
 from detcon.study import budget as budget_lib
-from detcon.study import compare
-from detcon.study import report
-from detcon.study import runner
+from detcon.study import compare, report, runner
+from detcon.train.loop import loop as train_loop
+from detcon.train.loop import optim
 
 
 def test_every_method_gets_the_same_budget_and_keeps_its_recipe():
-    budget = budget_lib.Budget(steps=123, batch_size=32, depth=18, image_size=96,
-                               warmup_fraction=0.1, queue_batches=4, seed=3)
+    budget = budget_lib.Budget(
+        steps=123,
+        batch_size=32,
+        depth=18,
+        image_size=96,
+        warmup_fraction=0.1,
+        queue_batches=4,
+        seed=3,
+    )
     for name in methods_lib.names():
         recipe = importlib.import_module(f"configs.{name}").get_config()
         c = budget_lib.method_config(name, budget, "/data/pretrain", num_classes=7)
-        assert (c.training.max_steps, c.training.batch_size, c.model.depth, c.data.image_size,
-                c.optim.warmup_rule, c.optim.warmup_fraction) == (123, 32, 18, 96, "fraction", 0.1)
+        assert (
+            c.training.max_steps,
+            c.training.batch_size,
+            c.model.depth,
+            c.data.image_size,
+            c.optim.warmup_rule,
+            c.optim.warmup_fraction,
+        ) == (123, 32, 18, 96, "fraction", 0.1)
         assert c.data.dataset_directory == "/data/pretrain"
         # The recipe's optimiser, weight decay and method settings stay; 'recipe' scaling gives
         # the published run's peak rate at batch 32: base x recipe batch / 32, times the
         # schedule's 32/256.
-        assert (c.optim.name, c.optim.weight_decay) == (recipe.optim.name,
-                                                        recipe.optim.weight_decay)
+        assert (c.optim.name, c.optim.weight_decay) == (
+            recipe.optim.name,
+            recipe.optim.weight_decay,
+        )
         assert c.optim.base_learning_rate == pytest.approx(
-            recipe.training.batch_size / 32 * recipe.optim.base_learning_rate)
+            recipe.training.batch_size / 32 * recipe.optim.base_learning_rate
+        )
         for field, value in recipe[name].items():
             if field.endswith("hidden_size"):
                 assert c[name][field] == value // 4, (name, field)  # ResNet-18: 512 of 2048
@@ -54,8 +68,15 @@ def test_peak_learning_rate_follows_the_chosen_batch_scaling(scaling, factor):
     assert float(schedule(warmup)) == pytest.approx(0.2 * 64 / 256 * factor, rel=1e-6)
 
 
-@pytest.mark.parametrize("name,peak", [("byol", 0.2 * 4096 / 256), ("simclr", 0.3 * 4096 / 256),
-                                       ("detcon_b", 0.2 * 4096 / 256), ("moco_v2", 0.03)])
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("byol", 0.2 * 4096 / 256),
+        ("simclr", 0.3 * 4096 / 256),
+        ("detcon_b", 0.2 * 4096 / 256),
+        ("moco_v2", 0.03),
+    ],
+)
 def test_recipe_scaling_gives_every_method_the_peak_rate_of_its_published_run(name, peak):
     c = budget_lib.method_config(name, budget_lib.Budget(batch_size=32), "/data", num_classes=7)
     assert budget_lib.Budget().lr_batch_scaling == "recipe"
@@ -81,10 +102,16 @@ def test_head_scale_follows_the_torso_width():
     assert budget_lib.head_scale(10) == budget_lib.head_scale(18) == 0.25
 
 
-@pytest.mark.parametrize("field,value,flag", [("steps", 0, "--steps"), ("depth", 11, "--depth"),
-                                              ("image_size", 48, "--image_size"),
-                                              ("warmup_fraction", 1.0, "--warmup_fraction"),
-                                              ("lr_batch_scaling", "cubic", "--lr_batch_scaling")])
+@pytest.mark.parametrize(
+    "field,value,flag",
+    [
+        ("steps", 0, "--steps"),
+        ("depth", 11, "--depth"),
+        ("image_size", 48, "--image_size"),
+        ("warmup_fraction", 1.0, "--warmup_fraction"),
+        ("lr_batch_scaling", "cubic", "--lr_batch_scaling"),
+    ],
+)
 def test_bad_budget_names_the_flag(field, value, flag):
     with pytest.raises(ValueError, match=flag):
         budget_lib.Budget(**{field: value})
@@ -97,9 +124,18 @@ def test_unknown_method_lists_the_registered_ones():
 
 
 def _entry(name, miou, knn, masks=True):
-    return {"name": name, "needs_masks": masks, "steps": 10, "images_seen": 80,
-            "final_loss": 1.23456, "knn_top1": knn, "seg_miou": miou, "pixel_accuracy": 0.5,
-            "train_seconds": 100.4, "eval_seconds": 20.0}
+    return {
+        "name": name,
+        "needs_masks": masks,
+        "steps": 10,
+        "images_seen": 80,
+        "final_loss": 1.23456,
+        "knn_top1": knn,
+        "seg_miou": miou,
+        "pixel_accuracy": 0.5,
+        "train_seconds": 100.4,
+        "eval_seconds": 20.0,
+    }
 
 
 def test_markdown_table_has_a_row_per_entry_in_column_order():
@@ -113,8 +149,9 @@ def test_markdown_table_has_a_row_per_entry_in_column_order():
 
 
 def test_bar_chart_is_a_png():
-    png = report.bar_chart_png([_entry("a", 0.4, 0.7), _entry("b", 0.2, 0.5)],
-                               _entry("random_init", 0.3, 0.6, None), "t")
+    png = report.bar_chart_png(
+        [_entry("a", 0.4, 0.7), _entry("b", 0.2, 0.5)], _entry("random_init", 0.3, 0.6, None), "t"
+    )
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -130,12 +167,15 @@ def test_a_result_from_another_budget_is_refused(tmp_path):
 def test_a_result_from_other_probe_settings_is_refused(tmp_path):
     made = budget_lib.Budget(steps=10)
     probes = runner.Probes("c", "s", 7, seg_image_size=256, seg_label_size=64)
-    report.write_json(runner.result_path(str(tmp_path), "byol"),
-                      {"budget": dataclasses.asdict(made), "probes": dataclasses.asdict(probes)})
+    report.write_json(
+        runner.result_path(str(tmp_path), "byol"),
+        {"budget": dataclasses.asdict(made), "probes": dataclasses.asdict(probes)},
+    )
     assert runner.load_finished(str(tmp_path), "byol", made, probes) is not None
     with pytest.raises(ValueError, match=r"byol\.json was probed with other settings"):
-        runner.load_finished(str(tmp_path), "byol", made,
-                             dataclasses.replace(probes, seg_image_size=128))
+        runner.load_finished(
+            str(tmp_path), "byol", made, dataclasses.replace(probes, seg_image_size=128)
+        )
 
 
 def test_labels_are_scored_at_the_scenes_own_side_unless_told():
@@ -147,9 +187,16 @@ def test_labels_are_scored_at_the_scenes_own_side_unless_told():
 
 
 TINY_SPEC = scenes.SceneDatasetSpec(
-    seed=1, scene=scene_render.SceneParams(image_size=64), num_pretrain=16, num_voc_train=8,
-    num_voc_val=4, num_classification_train=12, num_classification_val=6, pretrain_shards=1,
-    classification_shards=1)
+    seed=1,
+    scene=scene_render.SceneParams(image_size=64),
+    num_pretrain=16,
+    num_voc_train=8,
+    num_voc_val=4,
+    num_classification_train=12,
+    num_classification_val=6,
+    pretrain_shards=1,
+    classification_shards=1,
+)
 
 
 @pytest.mark.slow
@@ -157,8 +204,9 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     output = str(tmp_path / "study")
     budget = budget_lib.Budget(steps=2, batch_size=8, depth=10, image_size=64, queue_batches=2)
     names = ["detcon_b", "moco_v2"]
-    kwargs = dict(spec=TINY_SPEC, seg_image_size=128, seg_label_size=64, seg_epochs=1,
-                  log=lambda _: None)
+    kwargs = dict(
+        spec=TINY_SPEC, seg_image_size=128, seg_label_size=64, seg_epochs=1, log=lambda _: None
+    )
     document = compare.run(names, budget, str(tmp_path / "scenes"), output, **kwargs)
 
     with open(os.path.join(output, compare.JSON_NAME)) as f:
@@ -175,8 +223,8 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [e["needs_masks"] for e in document["methods"]] == [True, False]
     assert document["random_init"]["steps"] == 0
     assert document["beats_random_init_miou"] == {
-        e["name"]: e["seg_miou"] > document["random_init"]["seg_miou"]
-        for e in document["methods"]}
+        e["name"]: e["seg_miou"] > document["random_init"]["seg_miou"] for e in document["methods"]
+    }
 
     with open(os.path.join(output, compare.TABLE_NAME)) as f:
         lines = f.read().strip().split("\n")
@@ -189,9 +237,10 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished method was trained again")
 
-    monkeypatch.setattr(train, "run", no_training)
+    monkeypatch.setattr(train_loop, "run", no_training)
     logged = []
-    again = compare.run(names, budget, str(tmp_path / "scenes"), output,
-                        **dict(kwargs, log=logged.append))
+    again = compare.run(
+        names, budget, str(tmp_path / "scenes"), output, **dict(kwargs, log=logged.append)
+    )
     assert sum("reusing" in line for line in logged) == 3
     assert [e["seg_miou"] for e in again["methods"]] == [e["seg_miou"] for e in document["methods"]]

@@ -1,4 +1,5 @@
 """The persistent compilation cache: on by default in $DETCON_CACHE_DIR, off by config."""
+
 import os
 
 import jax
@@ -6,10 +7,13 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from detcon import compilation_cache
+from detcon.train.loop import compilation_cache
 
-_KEYS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
-         "jax_persistent_cache_min_compile_time_secs")
+_KEYS = (
+    "jax_enable_compilation_cache",
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+)
 
 
 @pytest.fixture
@@ -30,8 +34,9 @@ def test_cache_directory_precedence(monkeypatch, tmp_path, restore_jax_config):
     assert compilation_cache.cache_directory() == os.path.expanduser("~/.cache/detcon/jax")
 
 
-def test_enabled_cache_stores_compilations_and_can_be_turned_off(monkeypatch, tmp_path,
-                                                                  restore_jax_config):
+def test_enabled_cache_stores_compilations_and_can_be_turned_off(
+    monkeypatch, tmp_path, restore_jax_config
+):
     directory = tmp_path / "cache"
     monkeypatch.setenv("DETCON_CACHE_DIR", str(directory))
     assert compilation_cache.enable(True) == str(directory)

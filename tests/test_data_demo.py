@@ -5,7 +5,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from detcon.data import demo, pipeline, schema
+from detcon.data import pipeline, schema
+from detcon.data.build import demo
 
 
 def test_demo_dataset_is_built_once_and_trains(tmp_path):

@@ -3,8 +3,8 @@
 import io
 import os
 import subprocess
-import time
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +13,8 @@ from PIL import Image
 from skimage import data as skimage_data
 from skimage.segmentation import felzenszwalb
 
-from detcon.data import image_folder, mask_job, schema, shards
+from detcon.data import schema, shards
+from detcon.data.build import image_folder, mask_job
 
 _PARAMS = mask_job.FhParams(scales=(100.0,), min_sizes=(20,))
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +160,9 @@ def test_interrupted_shard_leaves_no_partial_file(generated, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         _generate(inputs, output, num_shards=2)
     assert sorted(os.listdir(output)) == [
-        "fh_masks_train.json", "fh_masks_train_counts", "train-00000-of-00002"
+        "fh_masks_train.json",
+        "fh_masks_train_counts",
+        "train-00000-of-00002",
     ]
     monkeypatch.undo()
     summary = _generate(inputs, output, num_shards=2)
@@ -333,8 +336,14 @@ def test_more_than_65535_segments_stops_with_exit_code_2(tmp_path):
     tiny_segments = mask_job.FhParams(scales=(0.01,), min_sizes=(0,))
     with pytest.raises(schema.TooManySegmentsError):
         mask_job.generate_split(
-            "train", files, str(tmp_path / "direct"), num_shards=1, params=tiny_segments,
-            seed=0, num_workers=1, show_progress=False,
+            "train",
+            files,
+            str(tmp_path / "direct"),
+            num_shards=1,
+            params=tiny_segments,
+            seed=0,
+            num_workers=1,
+            show_progress=False,
         )
     result = _script(
         f"--train_directory={tmp_path / 'flat'}",
@@ -362,14 +371,16 @@ def test_rerun_removes_temporary_files_of_a_killed_run(generated, tmp_path):
     assert summary.shards_written == 2
     assert not stale_shard.exists() and not stale_manifest.exists()
     assert sorted(os.listdir(output)) == [
-        "fh_masks_train.json", "fh_masks_train_counts", "train-00000-of-00002",
+        "fh_masks_train.json",
+        "fh_masks_train_counts",
+        "train-00000-of-00002",
         "train-00001-of-00002",
     ]
 
 
 _POOL_PROGRAM = """
 import os, sys, time
-from detcon.data import mask_job
+from detcon.data.build import mask_job
 pool = mask_job._new_pool(2)
 pids = {f.result() for f in [pool.submit(os.getpid) for _ in range(8)]}
 print(" ".join(map(str, sorted(pids))), flush=True)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from detcon.data import fh_records, image_codec, pipeline, schema, shards
+from detcon.data import image_codec, pipeline, schema, shards
+from detcon.data.build import fh_records
 
 _H, _W, _S = 24, 32, 16
 
@@ -187,17 +188,23 @@ def _write_many_segments(directory: str, height: int, width: int, num_records: i
     with fh_records.atomic_shard(os.path.join(directory, shards.shard_name("train", 0, 1))) as w:
         for index in range(num_records):
             pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            example = schema.build_example(jpeg=image_codec.encode_jpeg(pixels), height=height,
-                                           width=width, segmentations=ids[None],
-                                           filename=f"{index}.jpg", label=index + 1)
+            example = schema.build_example(
+                jpeg=image_codec.encode_jpeg(pixels),
+                height=height,
+                width=width,
+                segmentations=ids[None],
+                filename=f"{index}.jpg",
+                label=index + 1,
+            )
             w.write(example.SerializeToString())
 
 
 def test_segments_beyond_max_mask_id_keep_every_pixel(tmp_path):
     # 48 x 64 one-pixel segments: ids up to 3071, and a 32 x 32 view shows up to 1024 of them.
     _write_many_segments(str(tmp_path), 48, 64, num_records=4)
-    options = dict(image_size=32, local_devices=1, per_device_batch=4, deterministic=True,
-                   shuffle_buffer=4)
+    options = dict(
+        image_size=32, local_devices=1, per_device_batch=4, deterministic=True, shuffle_buffer=4
+    )
     (batch,) = _batches(str(tmp_path), 1, **options)
     folded = batch["folded_segments"][0]
     for mask in ("fh_mask1", "fh_mask2"):
@@ -243,8 +250,12 @@ def test_mask_free_batches_equal_the_masked_views_and_need_no_masks(tmp_path, da
         for index in range(4):
             example = schema.build_example(
                 jpeg=image_codec.encode_jpeg(rng.integers(0, 256, (_H, _W, 3), dtype=np.uint8)),
-                height=_H, width=_W, segmentations=np.zeros((1, _H, _W), np.int32),
-                filename=f"{index}.jpg", label=index + 1)
+                height=_H,
+                width=_W,
+                segmentations=np.zeros((1, _H, _W), np.int32),
+                filename=f"{index}.jpg",
+                label=index + 1,
+            )
             del example.features.feature[schema.FH_SEGMENTATIONS]
             writer.write(example.SerializeToString())
     (batch,) = _batches(directory, 1, with_masks=False, local_devices=1)

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from detcon.data import mask_job, pipeline, scene_render, scenes, shards, voc
+from detcon.data import pipeline, shards
+from detcon.data.build import mask_job, scene_render, scenes, voc
 
 K = len(scene_render.SHAPES)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,9 @@ def many_scenes():
 def _object(shape: str, angle: float = 0.3, radius: float = 80.0, size: int = 256):
     texture = scene_render.Texture("flat", ((0, 0, 0), (0, 0, 0)), 4.0, 0.0)
     centre = (size / 2 - 0.5, size / 2 - 0.5)
-    return scene_render.SceneObject(scene_render.SHAPES.index(shape), centre, radius, angle, texture)
+    return scene_render.SceneObject(
+        scene_render.SHAPES.index(shape), centre, radius, angle, texture
+    )
 
 
 # Areas at radius 1 from the shapes' definitions, by hand.
@@ -126,7 +129,9 @@ def test_classes_are_balanced_and_colour_is_independent_of_class(many_scenes):
     objects = [obj for scene in many_scenes for obj in scene.objects]
     counts = np.bincount([o.shape for o in objects], minlength=K)
     assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
-    pixels = np.bincount(np.concatenate([s.class_map.ravel() for s in many_scenes]), minlength=K + 1)
+    pixels = np.bincount(
+        np.concatenate([s.class_map.ravel() for s in many_scenes]), minlength=K + 1
+    )
     assert pixels[1:].max() < 2.0 * pixels[1:].min()
 
     colours = np.array([o.texture.colours[0] for o in objects], np.float64)
@@ -258,7 +263,9 @@ def test_pretraining_records_feed_the_pipeline(tiny_dataset):
     assert len(pipeline.list_shards(directory, "train")) == 3
     assert os.path.isfile(mask_job.manifest_path(directory, "train"))
     purities = []
-    records = [r for p in shards.list_shards(directory, "train") for r in tf.data.TFRecordDataset(p)]
+    records = [
+        r for p in shards.list_shards(directory, "train") for r in tf.data.TFRecordDataset(p)
+    ]
     for index, record in enumerate(records):
         example = pipeline.decode_example(record)
         scene = scenes.pretrain_scene(_TINY, index)
@@ -266,9 +273,7 @@ def test_pretraining_records_feed_the_pipeline(tiny_dataset):
         assert int(example["label"]) == scenes.dominant_class(scene) - 1
         # FH segments follow the painted objects: most of each segment is one object.
         fh = example["fh"].numpy()[0]
-        covered = sum(
-            np.bincount(scene.instance_map[fh == s]).max() for s in np.unique(fh)
-        )
+        covered = sum(np.bincount(scene.instance_map[fh == s]).max() for s in np.unique(fh))
         purities.append(covered / fh.size)
     assert np.mean(purities) > 0.85
     batch = next(

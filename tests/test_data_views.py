@@ -92,8 +92,9 @@ def test_crop_area_distribution_follows_the_released_formula():
     reference = _released_crop_areas(height, width, 400_000)
     quantiles = np.linspace(0.05, 0.95, 19)
     # Standard error of a quantile of 2,400 draws is ~0.01 here.
-    np.testing.assert_allclose(np.quantile(areas, quantiles), np.quantile(reference, quantiles),
-                               atol=0.035)
+    np.testing.assert_allclose(
+        np.quantile(areas, quantiles), np.quantile(reference, quantiles), atol=0.035
+    )
     np.testing.assert_allclose(areas.mean(), reference.mean(), atol=0.015)
     assert 0.50 < reference.mean() < 0.53  # the figure quoted in random_crop_window
 

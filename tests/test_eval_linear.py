@@ -1,4 +1,5 @@
 """Linear probe on precomputed features: ~100 % when separable, chance when labels are shuffled."""
+
 import numpy as np
 import pytest
 
@@ -50,8 +51,9 @@ def test_logistic_regression_matches_closed_form_optimum_gradient():
 
 def test_too_few_examples_is_refused():
     with pytest.raises(ValueError, match="two labelled"):
-        linear.linear_probe(np.zeros((1, 3)), np.zeros(1, int), np.zeros((1, 3)),
-                            np.zeros(1, int), 2)
+        linear.linear_probe(
+            np.zeros((1, 3)), np.zeros(1, int), np.zeros((1, 3)), np.zeros(1, int), 2
+        )
 
 
 def test_zero_weight_examples_do_not_count():

@@ -1,14 +1,17 @@
 """kNN monitoring during pretraining: the monitor function and its hook in the training loop."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 
+from detcon.data import labelled
+from detcon.evaluation import features, monitor, protocols
+from detcon.train.loop import loop as train_loop
+
 from conftest import tiny_config
 from eval_fixtures import write_tfrecords
-from detcon import train
-from detcon.evaluation import datasets, features, monitor, protocols
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,7 @@ def _config(records: str, every: int):
 
 def test_off_by_default_in_the_imagenet_recipe():
     from conftest import load_config
+
     assert load_config("detcon_b").evaluation.every_steps == 0
     assert monitor.make_knn_monitor(tiny_config(), None) is None
 
@@ -38,8 +42,10 @@ def test_monitor_equals_offline_knn_of_the_online_torso(records):
     # A whole online network: the torso plus head modules the monitor must leave out.
     params = {**torso.params, "projector/~/linear": {"w": np.ones((512, 64), np.float32)}}
     got = monitor.make_knn_monitor(config, None)(params, torso.state)
-    want = protocols.run_knn(features.Extractor(torso), protocols.Options(
-        source=datasets.Source(directory=records), image_size=32, batch_size=16))
+    want = protocols.run_knn(
+        features.Extractor(torso),
+        protocols.Options(source=labelled.Source(directory=records), image_size=32, batch_size=16),
+    )
     assert got == {"knn_top1": want["top1"]}
 
 
@@ -57,7 +63,7 @@ def test_missing_evaluation_data_fails_before_training():
 def test_training_logs_knn_top1(records, tmp_path):
     config = _config(records, every=2)
     config.training.max_steps = 4
-    train.run(config, str(tmp_path))
+    train_loop.run(config, str(tmp_path))
     lines = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     knn_steps = [line["step"] for line in lines if "knn_top1" in line]
     assert knn_steps == [2, 4]

@@ -1,4 +1,5 @@
 """Segmentation probe math: confusion matrix and IoU by hand, 255 ignored; the head learns."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,18 +8,17 @@ from detcon.evaluation import segmentation as seg
 
 
 def test_confusion_and_iou_by_hand():
-    labels = np.array([[0, 0, 1, 1],
-                       [2, 2, 255, 255],
-                       [0, 1, 2, 255]])
-    preds = np.array([[0, 1, 1, 1],
-                      [2, 0, 2, 0],      # predictions under 255 must not count
-                      [0, 1, 1, 3]])
+    labels = np.array([[0, 0, 1, 1], [2, 2, 255, 255], [0, 1, 2, 255]])
+    preds = np.array(
+        [
+            [0, 1, 1, 1],
+            [2, 0, 2, 0],  # predictions under 255 must not count
+            [0, 1, 1, 3],
+        ]
+    )
     confusion = seg.confusion_matrix(preds, labels, num_classes=4)
     # rows true, columns predicted
-    want = np.array([[2, 1, 0, 0],
-                     [0, 3, 0, 0],
-                     [1, 1, 1, 0],
-                     [0, 0, 0, 0]])
+    want = np.array([[2, 1, 0, 0], [0, 3, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
     np.testing.assert_array_equal(confusion, want)
     metrics = seg.iou_metrics(confusion)
     # class 0: I=2, U=3+3-2=4; class 1: I=3, U=3+5-3=5; class 2: I=1, U=3+1-1=3; class 3: U=0.
@@ -70,8 +70,9 @@ def test_head_learns_separable_maps():
     # Bilinear logits blur class borders; score only block centres, where they are exact.
     centre = np.full_like(labels, 255)
     centre[:, 1::4, 1::4] = labels[:, 1::4, 1::4]
-    head, shift, scale = seg.train_head(maps, labels, 3, epochs=40, batch_size=4,
-                                        learning_rate=0.05)
+    head, shift, scale = seg.train_head(
+        maps, labels, 3, epochs=40, batch_size=4, learning_rate=0.05
+    )
     metrics = seg.evaluate_head(head, shift, scale, maps, centre, 3, batch_size=5)
     assert metrics["miou"] == pytest.approx(1.0)
     assert metrics["pixel_accuracy"] == pytest.approx(1.0)

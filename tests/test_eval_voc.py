@@ -1,12 +1,14 @@
 """PASCAL VOC layout reader: palette and index PNGs, resize and pad with 255, clear errors."""
+
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from eval_fixtures import palette_png, write_voc
 from detcon.evaluation import voc
+
+from eval_fixtures import palette_png, write_voc
 
 
 def test_palette_png_reads_class_indices(tmp_path):

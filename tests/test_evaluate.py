@@ -1,5 +1,6 @@
 """python -m detcon.evaluate in-process on ResNet-10: every protocol on a random-init torso, a real
 checkpoint, TFDS mock data, and flag errors before any work."""
+
 import json
 import sys
 from unittest import mock
@@ -10,10 +11,13 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
+from detcon import evaluate
+from detcon.data import labelled
+from detcon.evaluation import features, protocols
+from detcon.weights import torso as torso_lib
+
 from conftest import REPO, tiny_config
 from eval_fixtures import write_tfrecords, write_voc
-from detcon import evaluate
-from detcon.evaluation import datasets, features, protocols
 
 FLAGS = flags.FLAGS
 CONFIG = str(REPO / "configs" / "demo.py")
@@ -45,10 +49,21 @@ def voc_root(tmp_path_factory):
 
 def test_random_init_runs_every_protocol(records, voc_root, tmp_path, capsys):
     output = str(tmp_path / "r.json")
-    _main(["--random_init", f"--config={CONFIG}", "--protocol=knn,linear,segmentation",
-           f"--dataset_directory={records}", f"--segmentation_directory={voc_root}",
-           "--seg_image_size=128", "--seg_label_size=64", "--seg_epochs=2", "--seg_batch_size=4",
-           f"--output={output}"] + SMALL)
+    _main(
+        [
+            "--random_init",
+            f"--config={CONFIG}",
+            "--protocol=knn,linear,segmentation",
+            f"--dataset_directory={records}",
+            f"--segmentation_directory={voc_root}",
+            "--seg_image_size=128",
+            "--seg_label_size=64",
+            "--seg_epochs=2",
+            "--seg_batch_size=4",
+            f"--output={output}",
+        ]
+        + SMALL
+    )
     result = json.load(open(output))
     assert result["random_init"] and result["model"] == {"depth": 10, "width_multiplier": 1}
     for name in ("knn", "linear"):
@@ -67,16 +82,22 @@ def test_random_init_runs_every_protocol(records, voc_root, tmp_path, capsys):
 def test_colour_classes_are_found_by_knn_on_random_features(records):
     """Classes differ by dominant colour: even a random torso's features separate them."""
     torso = features.random_init(10, 1, seed=0)
-    options = protocols.Options(source=datasets.Source(directory=records), image_size=32,
-                                batch_size=16)
+    options = protocols.Options(
+        source=labelled.Source(directory=records), image_size=32, batch_size=16
+    )
     result = protocols.run_knn(features.Extractor(torso), options)
     assert result["top1"] >= 0.9 and result["num_train"] == 24
 
 
 def test_augmented_linear_mode(records):
     torso = features.random_init(10, 1, seed=0)
-    options = protocols.Options(source=datasets.Source(directory=records), image_size=32,
-                                batch_size=16, linear_mode="augmented", linear_epochs=2)
+    options = protocols.Options(
+        source=labelled.Source(directory=records),
+        image_size=32,
+        batch_size=16,
+        linear_mode="augmented",
+        linear_epochs=2,
+    )
     result = protocols.run_linear(features.Extractor(torso), torso, options)
     assert result["mode"] == "augmented" and result["steps"] == 2 * 24 // 16
     assert result["batch_size"] == 16 and result["learning_rate"] == pytest.approx(0.2 * 16 / 256)
@@ -95,25 +116,38 @@ def test_augmented_step_leaves_torso_frozen():
 @pytest.mark.slow  # trains one DetCon-B step on 8 devices first
 def test_checkpoint_torso_matches_training_network(tmp_path, records):
     """The evaluated torso of a trained checkpoint gives the training network's pooled features."""
-    from detcon import checkpoint as checkpoint_lib, experiment as experiment_lib, train, augment
-    from detcon import model as model_lib
+    from detcon.models import heads as model_lib
+    from detcon.ops import augment
+    from detcon.train.loop import experiment as experiment_lib
+    from detcon.train.loop import loop as train_loop
+    from detcon.workdir import checkpoint as checkpoint_lib
+
     config = tiny_config(batch_size=8, image_size=32)
     config.training.max_steps = 1
-    train.run(config, str(tmp_path))
+    train_loop.run(config, str(tmp_path))
     params, state, config_dict = checkpoint_lib.load_network(str(tmp_path), "online")
-    torso = features.from_network(params, state, config_dict["model"])
+    torso = torso_lib.from_network(params, state, config_dict["model"])
     assert all(k.startswith("res_net10") for k in torso.params)
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 32, 32, 3)))
     got = features.Extractor(torso)(images.reshape(8, 1, 32, 32, 3))
     network = experiment_lib.build(config, 1, axis_name=None).network
-    view = model_lib.MaskedView(augment.normalize(images), np.ones((8, 1, 1), np.float32),
-                                np.zeros((8, 1), np.int32))
+    view = model_lib.MaskedView(
+        augment.normalize(images), np.ones((8, 1, 1), np.float32), np.zeros((8, 1), np.int32)
+    )
     outputs, _ = network.apply(params, state, None, view, is_training=False)
     np.testing.assert_allclose(got, np.asarray(outputs.features), rtol=1e-4, atol=1e-5)
 
     output = str(tmp_path / "ckpt.json")
-    _main([f"--checkpoint={tmp_path}", "--network=target", "--protocol=knn",
-           f"--dataset_directory={records}", f"--output={output}", "--image_size=32"])
+    _main(
+        [
+            f"--checkpoint={tmp_path}",
+            "--network=target",
+            "--protocol=knn",
+            f"--dataset_directory={records}",
+            f"--output={output}",
+            "--image_size=32",
+        ]
+    )
     result = json.load(open(output))
     assert result["network"] == "target" and result["method"] == "detcon_b"
     assert 0.0 <= result["knn"]["top1"] <= 1.0
@@ -121,37 +155,81 @@ def test_checkpoint_torso_matches_training_network(tmp_path, records):
 
 def test_tfds_mock_data(tmp_path):
     import tensorflow_datasets as tfds
+
     output = str(tmp_path / "tfds.json")
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-        source = datasets.Source(tfds_name="cifar10", tfds_data_dir=str(tmp_path / "none"))
-        assert datasets.split_name(source, train=False) == "test"
-        assert datasets.num_classes(source) == 10
-        batches, count = datasets.eval_batches(source, "test", 32, local_devices=8, per_device=2)
+        source = labelled.Source(tfds_name="cifar10", tfds_data_dir=str(tmp_path / "none"))
+        assert labelled.split_name(source, train=False) == "test"
+        assert labelled.num_classes(source) == 10
+        batches, count = labelled.eval_batches(source, "test", 32, local_devices=8, per_device=2)
         batches = list(batches)
         assert count == len(batches) == 2 and batches[0]["image"].shape == (8, 2, 32, 32, 3)
         assert (np.concatenate([b["label"].ravel() for b in batches]) >= 0).sum() == 20
-        _main(["--random_init", f"--config={CONFIG}", "--protocol=knn,linear",
-               "--tfds_name=cifar10", f"--tfds_data_dir={tmp_path / 'none'}",
-               f"--output={output}"] + SMALL)
+        _main(
+            [
+                "--random_init",
+                f"--config={CONFIG}",
+                "--protocol=knn,linear",
+                "--tfds_name=cifar10",
+                f"--tfds_data_dir={tmp_path / 'none'}",
+                f"--output={output}",
+            ]
+            + SMALL
+        )
     result = json.load(open(output))
     assert result["knn"]["num_train"] == 20 and result["knn"]["num_eval"] == 20
     assert "top5" in result["knn"] and "top5" in result["linear"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--protocol=knn", "--output=x.json", "--dataset_directory=d"], "exactly one of"),
-    (["--random_init", "--protocol=knn", "--output=x.json", "--dataset_directory=d"],
-     "needs --config"),
-    (["--random_init", f"--config={CONFIG}", "--protocol=knn,depth", "--output=x.json",
-      "--dataset_directory=d"], "choose from"),
-    (["--random_init", f"--config={CONFIG}", "--protocol=knn", "--output=x.json"],
-     "--dataset_directory"),
-    (["--random_init", f"--config={CONFIG}", "--protocol=segmentation", "--output=x.json",
-      "--dataset_directory=d", "--seg_image_size=100"], "multiple of 32"),
-    (["--random_init", f"--config={CONFIG}", "--protocol=segmentation", "--output=x.json",
-      "--dataset_directory=d", "--seg_image_size=128", "--seg_label_size=48"], "must divide"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--protocol=knn", "--output=x.json", "--dataset_directory=d"], "exactly one of"),
+        (
+            ["--random_init", "--protocol=knn", "--output=x.json", "--dataset_directory=d"],
+            "needs --config",
+        ),
+        (
+            [
+                "--random_init",
+                f"--config={CONFIG}",
+                "--protocol=knn,depth",
+                "--output=x.json",
+                "--dataset_directory=d",
+            ],
+            "choose from",
+        ),
+        (
+            ["--random_init", f"--config={CONFIG}", "--protocol=knn", "--output=x.json"],
+            "--dataset_directory",
+        ),
+        (
+            [
+                "--random_init",
+                f"--config={CONFIG}",
+                "--protocol=segmentation",
+                "--output=x.json",
+                "--dataset_directory=d",
+                "--seg_image_size=100",
+            ],
+            "multiple of 32",
+        ),
+        (
+            [
+                "--random_init",
+                f"--config={CONFIG}",
+                "--protocol=segmentation",
+                "--output=x.json",
+                "--dataset_directory=d",
+                "--seg_image_size=128",
+                "--seg_label_size=48",
+            ],
+            "must divide",
+        ),
+    ],
+)
 def test_bad_flags_fail_early(argv, message):
     from absl import app
+
     with pytest.raises(app.UsageError, match=message):
         _main(argv)

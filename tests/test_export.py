@@ -1,4 +1,5 @@
 """Checkpoint export: torchvision/detectron2/npz names and shapes, round trips, PyTorch numerics."""
+
 import functools
 import math
 import os
@@ -10,19 +11,19 @@ import jax
 import numpy as np
 import pytest
 
-from detcon import export
-from detcon import pretrained
-from detcon.networks import torso_fn
+from detcon.models.networks import torso_fn
+from detcon.weights import export, pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE = 64          # even: every stride-2 SAME padding in Haiku is asymmetric at this size
-ODD_IMAGE = 65      # 32m + 1: every stride-2 layer sees an odd size, where SAME is symmetric
-# Written here from the ResNet papers / torchvision, not read from detcon.networks.
+IMAGE = 64  # even: every stride-2 SAME padding in Haiku is asymmetric at this size
+ODD_IMAGE = 65  # 32m + 1: every stride-2 layer sees an odd size, where SAME is symmetric
+# Written here from the ResNet papers / torchvision, not read from detcon.models.networks.
 BLOCKS = {18: ((2, 2, 2, 2), False), 50: ((3, 4, 6, 3), True)}
 
 
 # ------------------------------------------------------------------------------------------------
 # Haiku torsos with non-trivial weights and BatchNorm statistics.
+
 
 def _random_params(shapes: dict, rng: np.random.RandomState) -> dict:
     """He-scaled conv kernels; BN scale in [0.5, 1.5] (not Haiku's zero init), offset ~0.1."""
@@ -50,14 +51,18 @@ def haiku_torso(depth: int) -> tuple[dict, dict, np.ndarray]:
     # Names, shapes and dtypes from the real init; values from NumPy (compiling init's truncated
     # normal sampler costs ~20 s of CPU here, and the values are replaced anyway).
     param_shapes, state_shapes = jax.eval_shape(
-        lambda x: forward.init(jax.random.PRNGKey(0), x, is_training=True), images)
+        lambda x: forward.init(jax.random.PRNGKey(0), x, is_training=True), images
+    )
     params = _random_params(param_shapes, rng)
-    state = {m: {k: np.zeros(v.shape, v.dtype) for k, v in leaves.items()}
-             for m, leaves in state_shapes.items()}
+    state = {
+        m: {k: np.zeros(v.shape, v.dtype) for k, v in leaves.items()}
+        for m, leaves in state_shapes.items()
+    }
     # One training-mode step sets each EMA average to that layer's batch statistics, so features
     # stay O(1) through 16 blocks; then perturb them so they are not exactly the batch stats.
     _, state = jax.jit(lambda p, s, x: forward.apply(p, s, None, x, is_training=True))(
-        params, state, images)
+        params, state, images
+    )
     state = jax.tree_util.tree_map(np.asarray, state)
     for module, leaves in state.items():
         average = leaves["average"]
@@ -84,8 +89,8 @@ def haiku_features(depth: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     to64 = lambda x: x.astype(np.float64) if x.dtype == np.float32 else x
     with jax.enable_x64(True):
         features, _ = jax.jit(
-            lambda p, s, x: torso_fn(depth).apply(p, s, None, x, is_training=False))(
-                jax.tree_util.tree_map(to64, params), jax.tree_util.tree_map(to64, state), images)
+            lambda p, s, x: torso_fn(depth).apply(p, s, None, x, is_training=False)
+        )(jax.tree_util.tree_map(to64, params), jax.tree_util.tree_map(to64, state), images)
         features = np.asarray(features)
     assert features.dtype == np.float64
     return images, features
@@ -95,6 +100,7 @@ def haiku_features(depth: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 # What torchvision's resnet50().state_dict() holds, reasoned from its architecture: a 7x7 stem
 # conv + bn1, then layer1..4 of 3/4/6/3 Bottlenecks (conv1 1x1, conv2 3x3, conv3 1x1 with 4x
 # expansion, bn after each), a downsample (1x1 conv + bn) in block 0 of each layer, and fc.
+
 
 def torchvision_resnet50_shapes() -> dict[str, tuple]:
     """Every key of torchvision.models.resnet50().state_dict() with its shape."""
@@ -148,15 +154,20 @@ def test_torchvision_export_matches_resnet50_state_dict(tmp_path):
     np.testing.assert_array_equal(tensors["layer3.5.conv2.weight"][7, 3], hk_w[:, :, 3, 7])
     np.testing.assert_array_equal(
         tensors["layer4.0.downsample.1.running_var"],
-        state["res_net50/~/block_group_3/~/block_0/~/shortcut_batchnorm/~/var_ema"]["average"]
-        .reshape(-1))
+        state["res_net50/~/block_group_3/~/block_0/~/shortcut_batchnorm/~/var_ema"][
+            "average"
+        ].reshape(-1),
+    )
     assert int(tensors["layer2.0.bn3.num_batches_tracked"]) == int(
-        state["res_net50/~/block_group_1/~/block_0/~/batchnorm_2/~/mean_ema"]["counter"])
+        state["res_net50/~/block_group_1/~/block_0/~/batchnorm_2/~/mean_ema"]["counter"]
+    )
 
-    paths = export.export_torso(params, state, 50, "torchvision", str(tmp_path / "r50.pth"),
-                                {"depth": "50"})
+    paths = export.export_torso(
+        params, state, 50, "torchvision", str(tmp_path / "r50.pth"), {"depth": "50"}
+    )
     assert paths[0] == str(tmp_path / "r50.safetensors")
     from safetensors.numpy import load_file
+
     loaded = load_file(paths[0])
     assert loaded.keys() == tensors.keys()
     for k, v in tensors.items():
@@ -190,8 +201,9 @@ def test_pth_loads_into_a_torchvision_shaped_resnet50(tmp_path):
             self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
             self.bn3 = nn.BatchNorm2d(4 * planes)
             if project:
-                self.downsample = nn.Sequential(nn.Conv2d(inplanes, 4 * planes, 1, bias=False),
-                                                nn.BatchNorm2d(4 * planes))
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
+                )
 
     model = nn.Module()
     model.conv1, model.bn1 = nn.Conv2d(3, 64, 7, bias=False), nn.BatchNorm2d(64)
@@ -211,23 +223,29 @@ def test_pth_loads_into_a_torchvision_shaped_resnet50(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # A functional PyTorch ResNet over the exported torchvision weights.
 
+
 def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TF/Haiku 'SAME' padding (before, after): the odd pixel of padding goes after."""
     total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
 
 
-def torch_resnet_forward(weights: dict, images_nhwc: np.ndarray, depth: int,
-                         same_padding: bool, dtype: type = np.float64) -> np.ndarray:
+def torch_resnet_forward(
+    weights: dict, images_nhwc: np.ndarray, depth: int, same_padding: bool, dtype: type = np.float64
+) -> np.ndarray:
     """Eval-mode ResNet torso in torch.nn.functional: [N, H, W, 3] -> [N, h, w, C].
 
     same_padding=True pads like Haiku (explicit, possibly asymmetric F.pad); False is plain
     PyTorch/torchvision (padding=k//2 on both sides, max-pool padding 1).
     """
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
+
     F = torch.nn.functional
-    w = {k: torch.from_numpy(np.asarray(v, dtype)) for k, v in weights.items()
-         if not k.endswith("num_batches_tracked")}
+    w = {
+        k: torch.from_numpy(np.asarray(v, dtype))
+        for k, v in weights.items()
+        if not k.endswith("num_batches_tracked")
+    }
 
     def pad(x, kernel, stride, value=0.0):
         top, bottom = _same_pads(x.shape[2], kernel, stride)
@@ -241,8 +259,15 @@ def torch_resnet_forward(weights: dict, images_nhwc: np.ndarray, depth: int,
         return F.conv2d(x, w[key], stride=stride, padding=kernel // 2)
 
     def bn(x, prefix):
-        return F.batch_norm(x, w[prefix + ".running_mean"], w[prefix + ".running_var"],
-                            w[prefix + ".weight"], w[prefix + ".bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            x,
+            w[prefix + ".running_mean"],
+            w[prefix + ".running_var"],
+            w[prefix + ".weight"],
+            w[prefix + ".bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     x = torch.from_numpy(np.asarray(images_nhwc, dtype)).permute(0, 3, 1, 2)
     x = F.relu(bn(conv(x, "conv1.weight", 2), "bn1"))
@@ -283,10 +308,12 @@ def test_pytorch_forward_reproduces_haiku_features(depth):
     err_same = float(np.abs(same - expected).max())
     err_same32 = float(np.abs(same32 - expected).max())
     err_plain = float(np.abs(plain - expected).max())
-    print(f"ResNet-{depth} @ {IMAGE}px: max|feature| {scale:.3f}, mean|feature| "
-          f"{float(np.abs(expected).mean()):.3f}; max abs error vs Haiku: SAME-padded torch "
-          f"float64 {err_same:.2e}, float32 {err_same32:.2e}; symmetric-padded torch "
-          f"{err_plain:.3e} (mean abs {float(np.abs(plain - expected).mean()):.3e})")
+    print(
+        f"ResNet-{depth} @ {IMAGE}px: max|feature| {scale:.3f}, mean|feature| "
+        f"{float(np.abs(expected).mean()):.3f}; max abs error vs Haiku: SAME-padded torch "
+        f"float64 {err_same:.2e}, float32 {err_same32:.2e}; symmetric-padded torch "
+        f"{err_plain:.3e} (mean abs {float(np.abs(plain - expected).mean()):.3e})"
+    )
     assert 0.5 < scale < 100.0  # features neither vanished nor exploded: the check has teeth
     assert err_same < 1e-4  # float64 on both sides: in practice ~1e-12
     assert err_same32 < 1e-3 * scale  # what a float32 PyTorch model sees: rounding only
@@ -309,15 +336,21 @@ def test_symmetric_padding_is_exact_at_32m_plus_1_pixels():
 # ------------------------------------------------------------------------------------------------
 # detectron2 and npz.
 
+
 def test_detectron2_names_shapes_and_portable_pickle(tmp_path):
     params, state, _ = haiku_torso(50)
     model = export.haiku_to_detectron2(params, state, 50)
     shapes = {k: tuple(v.shape) for k, v in model.items()}
     expected = {"stem.conv1.weight": (64, 3, 7, 7)}
-    for conv, cin, cout, k in (("res2.0.conv1", 64, 64, 1), ("res2.0.conv2", 64, 64, 3),
-                               ("res2.0.conv3", 64, 256, 1), ("res2.0.shortcut", 64, 256, 1),
-                               ("res5.2.conv1", 2048, 512, 1), ("res5.2.conv2", 512, 512, 3),
-                               ("res5.2.conv3", 512, 2048, 1)):
+    for conv, cin, cout, k in (
+        ("res2.0.conv1", 64, 64, 1),
+        ("res2.0.conv2", 64, 64, 3),
+        ("res2.0.conv3", 64, 256, 1),
+        ("res2.0.shortcut", 64, 256, 1),
+        ("res5.2.conv1", 2048, 512, 1),
+        ("res5.2.conv2", 512, 512, 3),
+        ("res5.2.conv3", 512, 2048, 1),
+    ):
         expected[conv + ".weight"] = (cout, cin, k, k)
         for name in ("weight", "bias", "running_mean", "running_var"):
             expected[f"{conv}.norm.{name}"] = (cout,)
@@ -331,8 +364,9 @@ def test_detectron2_names_shapes_and_portable_pickle(tmp_path):
     tv = export.haiku_to_torchvision(params, state, 50)
     np.testing.assert_array_equal(model["res5.2.conv2.weight"], tv["layer4.2.conv2.weight"])
     np.testing.assert_array_equal(model["stem.conv1.norm.running_var"], tv["bn1.running_var"])
-    np.testing.assert_array_equal(model["res3.0.shortcut.norm.bias"],
-                                  tv["layer2.0.downsample.1.bias"])
+    np.testing.assert_array_equal(
+        model["res3.0.shortcut.norm.bias"], tv["layer2.0.downsample.1.bias"]
+    )
 
     path = export.export_torso(params, state, 50, "detectron2", str(tmp_path / "r50"))[0]
     assert path.endswith("r50.pkl")
@@ -365,8 +399,10 @@ def test_npz_round_trip_is_exact(tmp_path):
     with np.load(path, allow_pickle=False) as f:
         back_params, back_state = export.npz_to_haiku({k: f[k] for k in f.files})
     from_loader = pretrained.load_deepmind_checkpoint(path, allow_pickle=False)
-    for got_params, got_state in ((back_params, back_state),
-                                  (from_loader["params"], from_loader["state"])):
+    for got_params, got_state in (
+        (back_params, back_state),
+        (from_loader["params"], from_loader["state"]),
+    ):
         assert got_params.keys() == params.keys() and got_state.keys() == state.keys()
         for tree, got in ((params, got_params), (state, got_state)):
             for module, leaves in tree.items():
@@ -383,13 +419,15 @@ def test_conversion_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"--output=x\.pth: a detectron2 export is written as"):
         export.output_paths("x.pth", "detectron2", with_torch=True)
     assert export.output_paths("out/r50", "torchvision", with_torch=False) == [
-        "out/r50.safetensors"]
+        "out/r50.safetensors"
+    ]
     assert export.infer_torso_architecture(params) == (18, 1)
     assert export.infer_torso_architecture(haiku_torso(50)[0]) == (50, 1)
 
 
 # ------------------------------------------------------------------------------------------------
 # DeepMind-style checkpoints.
+
 
 def test_pickled_checkpoint_needs_allow_pickle(tmp_path):
     marker = tmp_path / "code_ran"
@@ -414,7 +452,7 @@ def test_pickled_checkpoint_needs_allow_pickle(tmp_path):
 
 def _rename(tree: dict, old: str, new: str) -> dict:
     """Copy of a Haiku tree with module prefix `old` replaced by `new`."""
-    return {new + m[len(old):]: dict(v) for m, v in tree.items()}
+    return {new + m[len(old) :]: dict(v) for m, v in tree.items()}
 
 
 def test_match_reports_missing_unexpected_and_mismatched(tmp_path):
@@ -422,17 +460,25 @@ def test_match_reports_missing_unexpected_and_mismatched(tmp_path):
     online_params = _rename(params, "res_net18", "encoder/~/res_net18")
     online_state = _rename(state, "res_net18", "encoder/~/res_net18")
     g1 = "encoder/~/res_net18/~/block_group_1/~/block_0/~/"
-    del online_params[g1 + "conv_1"]                                         # missing
+    del online_params[g1 + "conv_1"]  # missing
     online_params[g1 + "conv_0"]["w"] = np.zeros((3, 3, 64, 99), np.float32)  # wrong shape
-    online_params[g1 + "batchnorm_0"]["scale"] = (                              # [C], reshaped
-        params["res_net18/~/block_group_1/~/block_0/~/batchnorm_0"]["scale"].reshape(-1))
-    online_params[g1 + "batchnorm_0"]["extra"] = np.zeros(3, np.float32)      # unexpected leaf
+    online_params[g1 + "batchnorm_0"]["scale"] = (  # [C], reshaped
+        params["res_net18/~/block_group_1/~/block_0/~/batchnorm_0"]["scale"].reshape(-1)
+    )
+    online_params[g1 + "batchnorm_0"]["extra"] = np.zeros(3, np.float32)  # unexpected leaf
     online_params["projector/~/linear"] = {"w": np.zeros((512, 8), np.float32)}  # a head
-    del online_state[g1 + "batchnorm_1/~/var_ema"]["hidden"]                  # missing state
+    del online_state[g1 + "batchnorm_1/~/var_ema"]["hidden"]  # missing state
     target_params = jax.tree_util.tree_map(lambda x: x + 1.0, online_params)
     path = tmp_path / "byol_like.npy"
-    np.save(path, {"online_params": online_params, "online_state": online_state,
-                   "target_params": target_params, "step": 1000})
+    np.save(
+        path,
+        {
+            "online_params": online_params,
+            "online_state": online_state,
+            "target_params": target_params,
+            "step": 1000,
+        },
+    )
 
     loaded = pretrained.load_deepmind_checkpoint(str(path), allow_pickle=True)
     ref_params = jax.tree_util.tree_map(np.zeros_like, params)
@@ -443,29 +489,38 @@ def test_match_reports_missing_unexpected_and_mismatched(tmp_path):
     ours = "res_net18/~/block_group_1/~/block_0/~/"
     assert report.source_root == "encoder/~/res_net18" and report.reference_root == "res_net18"
     assert report.missing == [ours + "conv_1/w", ours + "batchnorm_1/~/var_ema/hidden"]
-    assert sorted(report.unexpected) == ["encoder/~/res_net18/~/block_group_1/~/block_0/~/"
-                                         "batchnorm_0/extra", "projector/~/linear/w"]
+    assert sorted(report.unexpected) == [
+        "encoder/~/res_net18/~/block_group_1/~/block_0/~/batchnorm_0/extra",
+        "projector/~/linear/w",
+    ]
     assert report.shape_mismatched == [(ours + "conv_0/w", (3, 3, 64, 99), (3, 3, 64, 128))]
     assert report.reshaped == [ours + "batchnorm_0/scale"]
     total = sum(len(v) for v in params.values()) + sum(len(v) for v in state.values())
     assert len(report.matched) == total - 3 and not report.ok
     assert "2 missing" in str(report) and "conv_1/w" in str(report)
     # Matched arrays come from the online network (target = online + 1), with our names.
-    np.testing.assert_array_equal(new_params["res_net18/~/initial_conv"]["w"],
-                                  params["res_net18/~/initial_conv"]["w"])
-    np.testing.assert_array_equal(new_params[ours + "batchnorm_0"]["scale"],
-                                  params[ours + "batchnorm_0"]["scale"])
-    np.testing.assert_array_equal(new_state[ours + "batchnorm_0/~/mean_ema"]["average"],
-                                  state[ours + "batchnorm_0/~/mean_ema"]["average"])
-    assert not new_params[ours + "conv_1"]["w"].any()   # missing: kept at reference value
-    assert not new_params[ours + "conv_0"]["w"].any()   # mismatched: kept at reference value
+    np.testing.assert_array_equal(
+        new_params["res_net18/~/initial_conv"]["w"], params["res_net18/~/initial_conv"]["w"]
+    )
+    np.testing.assert_array_equal(
+        new_params[ours + "batchnorm_0"]["scale"], params[ours + "batchnorm_0"]["scale"]
+    )
+    np.testing.assert_array_equal(
+        new_state[ours + "batchnorm_0/~/mean_ema"]["average"],
+        state[ours + "batchnorm_0/~/mean_ema"]["average"],
+    )
+    assert not new_params[ours + "conv_1"]["w"].any()  # missing: kept at reference value
+    assert not new_params[ours + "conv_0"]["w"].any()  # mismatched: kept at reference value
     assert (new_params["classifier"]["w"] == 7.0).all()  # outside the torso: untouched
 
     # network="target" reads target_params; this file has no target_state, so all EMAs are missing.
     target_params, _, target_report = pretrained.match_torso_params(
-        loaded, ref_params, ref_state, network="target")
-    np.testing.assert_array_equal(target_params["res_net18/~/initial_conv"]["w"],
-                                  params["res_net18/~/initial_conv"]["w"] + 1.0)
+        loaded, ref_params, ref_state, network="target"
+    )
+    np.testing.assert_array_equal(
+        target_params["res_net18/~/initial_conv"]["w"],
+        params["res_net18/~/initial_conv"]["w"] + 1.0,
+    )
     assert sum("_ema/" in n for n in target_report.missing) == 40 * 3
 
 
@@ -486,21 +541,29 @@ def test_match_flat_checkpoint_with_our_prefix_is_complete():
 # ------------------------------------------------------------------------------------------------
 # The command line.
 
+
 def _run_script(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "export_checkpoint.py"),
-                           *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "export_checkpoint.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_script_exports_a_checkpoint_file_and_refuses_pickles(tmp_path):
     params, state, _ = haiku_torso(18)
     npz = tmp_path / "r18.npz"
     export.write_npz(export.haiku_to_npz(params, state, 18), str(npz))
-    run = _run_script(f"--checkpoint={npz}", "--format=torchvision",
-                      f"--output={tmp_path / 'tv' / 'r18'}")
+    run = _run_script(
+        f"--checkpoint={npz}", "--format=torchvision", f"--output={tmp_path / 'tv' / 'r18'}"
+    )
     assert run.returncode == 0, run.stderr
     assert "0 missing" in run.stdout and "wrote" in run.stdout
     from safetensors.numpy import load_file
+
     got = load_file(str(tmp_path / "tv" / "r18.safetensors"))
     expected = export.haiku_to_torchvision(params, state, 18)
     assert got.keys() == expected.keys() and len(got) == 120

@@ -1,27 +1,30 @@
 """DetCon-B loss against hand computation and an explicit-loop NumPy reference; probe loss."""
+
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detcon import losses
+from detcon.ops import losses
 
 # Jitted once per shape: far faster on CPU than op-by-op dispatch.
 _loss = jax.jit(losses.detcon_b_loss, static_argnames=("temperature", "axis_name"))
 
 
-def _detcon_loss_loop(pred1, pred2, target1, target2, pind1, pind2, tind1, tind2,
-                      temperature):
+def _detcon_loss_loop(pred1, pred2, target1, target2, pind1, pind2, tind1, tind2, temperature):
     """Independent reference: one roi at a time, candidates listed explicitly, float64."""
+
     def unit(v):
         v = np.asarray(v, np.float64)
         return v / max(np.linalg.norm(v), 1e-6)
 
     batch, num_rois, _ = np.shape(pred1)
     total = 0.0
-    views = [(pred1, pind1, target2, tind2, target1, tind1),
-             (pred2, pind2, target1, tind1, target2, tind2)]
+    views = [
+        (pred1, pind1, target2, tind2, target1, tind1),
+        (pred2, pind2, target1, tind1, target2, tind2),
+    ]
     for pred, pind, cross_t, cross_ind, same_t, same_ind in views:
         for b in range(batch):
             for r in range(num_rois):
@@ -74,18 +77,21 @@ def test_detcon_b_loss_hand_computed_example():
     e = math.e
     # With temperature 1 every logit is 0 or 1; per roi: log-sum-exp over the kept candidates
     # minus the mean positive logit, divided by how often its id was sampled.
-    view1 = ((math.log(2 * e + 4) - 1) / 2   # image 0, roi 0: id 5 sampled twice
-             + math.log(4 * e + 2) / 2        # image 0, roi 1: its positive has logit 0
-             + (math.log(3 * e + 4) - 1))     # image 1, roi 0; roi 1 has no positive
-    view2 = 2 * (math.log(3 * e + 4) - 1)     # image 0 roi 0 (two positives), image 1 roi 0
+    view1 = (
+        (math.log(2 * e + 4) - 1) / 2  # image 0, roi 0: id 5 sampled twice
+        + math.log(4 * e + 2) / 2  # image 0, roi 1: its positive has logit 0
+        + (math.log(3 * e + 4) - 1)
+    )  # image 1, roi 0; roi 1 has no positive
+    view2 = 2 * (math.log(3 * e + 4) - 1)  # image 0 roi 0 (two positives), image 1 roi 0
     expected = (view1 + view2) / 4
     got = float(_loss(*inputs, temperature=1.0))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     np.testing.assert_allclose(_detcon_loss_loop(*inputs, temperature=1.0), expected, rtol=1e-12)
 
 
-def _random_inputs(seed: int, batch: int, num_rois: int, dim: int, num_ids: int,
-                   with_padding: bool = False):
+def _random_inputs(
+    seed: int, batch: int, num_rois: int, dim: int, num_ids: int, with_padding: bool = False
+):
     rng = np.random.default_rng(seed)
     arrays = [rng.normal(size=(batch, num_rois, dim)).astype(np.float32) for _ in range(4)]
     ids1 = rng.integers(0, num_ids, size=(batch, num_rois)).astype(np.int32)
@@ -110,8 +116,9 @@ def test_detcon_b_loss_distinct_target_ids_differ_from_prediction_ids():
     tind1 = rng.integers(0, 3, size=pind1.shape).astype(np.int32)
     tind2 = rng.integers(0, 3, size=pind2.shape).astype(np.int32)
     args = (pred1, pred2, target1, target2, pind1, pind2, tind1, tind2)
-    np.testing.assert_allclose(float(_loss(*args, temperature=0.2)),
-                               _detcon_loss_loop(*args, temperature=0.2), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(_loss(*args, temperature=0.2)), _detcon_loss_loop(*args, temperature=0.2), rtol=1e-5
+    )
 
 
 def test_detcon_b_loss_gradient_is_finite_and_nonzero():
@@ -131,25 +138,37 @@ def test_detcon_b_loss_lower_for_aligned_predictions():
     ids = np.tile(np.arange(num_rois, dtype=np.int32), (batch, 1))
     aligned = _loss(target2, target1, target1, target2, ids, ids, ids, ids)
     # Predictions of another image: every positive now points at the wrong vector.
-    shuffled = _loss(np.roll(target2, 1, axis=0), np.roll(target1, 1, axis=0),
-                                    target1, target2, ids, ids, ids, ids)
+    shuffled = _loss(
+        np.roll(target2, 1, axis=0),
+        np.roll(target1, 1, axis=0),
+        target1,
+        target2,
+        ids,
+        ids,
+        ids,
+        ids,
+    )
     assert float(aligned) + 1.0 < float(shuffled)
 
 
 def test_detcon_b_loss_pmap_mean_equals_global_batch_loss():
     num_devices, per_device = 4, 2
-    inputs = _random_inputs(4, batch=num_devices * per_device, num_rois=3, dim=5, num_ids=3,
-                            with_padding=True)
+    inputs = _random_inputs(
+        4, batch=num_devices * per_device, num_rois=3, dim=5, num_ids=3, with_padding=True
+    )
     single = float(_loss(*inputs, temperature=0.1))
     sharded = [x.reshape((num_devices, per_device) + x.shape[1:]) for x in inputs]
     per_device_loss = jax.pmap(
         lambda *xs: losses.detcon_b_loss(*xs, temperature=0.1, axis_name="i"),
-        axis_name="i", devices=jax.devices()[:num_devices])(*sharded)
+        axis_name="i",
+        devices=jax.devices()[:num_devices],
+    )(*sharded)
     assert per_device_loss.shape == (num_devices,)
     np.testing.assert_allclose(float(np.mean(per_device_loss)), single, rtol=1e-5, atol=1e-5)
     # Without cross-device negatives the per-device losses would differ from the global one.
-    local_only = np.mean([float(_loss(*[x[d] for x in sharded], temperature=0.1))
-                          for d in range(num_devices)])
+    local_only = np.mean(
+        [float(_loss(*[x[d] for x in sharded], temperature=0.1)) for d in range(num_devices)]
+    )
     assert abs(local_only - single) > 1e-3
 
 

@@ -1,10 +1,11 @@
 """Grid masks, mask-id sampling and mask pooling against hand-built cases and NumPy loops."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detcon import masks
+from detcon.ops import masks
 
 # Jitted entry points (grid shape and sizes static): faster on CPU than op-by-op dispatch.
 _binary_masks = jax.jit(masks.binary_masks, static_argnums=(1, 2))
@@ -12,8 +13,7 @@ _binary_masks_dense = jax.jit(masks.binary_masks_dense, static_argnums=(1, 2))
 _sample = jax.jit(masks.sample_mask_ids, static_argnums=2)
 
 
-def _grid_masks_loop(ids: np.ndarray, grid_shape: tuple[int, int],
-                     max_mask_id: int) -> np.ndarray:
+def _grid_masks_loop(ids: np.ndarray, grid_shape: tuple[int, int], max_mask_id: int) -> np.ndarray:
     """Independent reference: explicit loops over images and cells with per-cell bincount."""
     batch, height, width = ids.shape
     grid_h, grid_w = grid_shape
@@ -22,7 +22,7 @@ def _grid_masks_loop(ids: np.ndarray, grid_shape: tuple[int, int],
     for b in range(batch):
         for i in range(grid_h):
             for j in range(grid_w):
-                block = ids[b, i * cell_h:(i + 1) * cell_h, j * cell_w:(j + 1) * cell_w].ravel()
+                block = ids[b, i * cell_h : (i + 1) * cell_h, j * cell_w : (j + 1) * cell_w].ravel()
                 block = block[(block >= 0) & (block < max_mask_id)]
                 if block.size == 0:
                     continue
@@ -35,10 +35,7 @@ def _grid_masks_loop(ids: np.ndarray, grid_shape: tuple[int, int],
 
 def test_binary_masks_hand_built_majority_ties_and_ignored_ids():
     # 4x4 ids, grid 2x2 -> 2x2-pixel cells; max_mask_id 4, so -1 and 5 do not vote.
-    ids = np.array([[[1, 1, 2, 2],
-                     [1, 3, 0, 0],
-                     [-1, -1, 3, -1],
-                     [5, -1, -1, 2]]], np.int32)
+    ids = np.array([[[1, 1, 2, 2], [1, 3, 0, 0], [-1, -1, 3, -1], [5, -1, -1, 2]]], np.int32)
     # cell 0: {1,1,1,3} -> 1; cell 1: {2,2,0,0} tie -> 0; cell 2: nothing valid -> none;
     # cell 3: {3,2} tie (valid pixels outnumbered by ignored ones) -> 2.
     expected = np.zeros((1, 4, 4), np.float32)
@@ -118,8 +115,9 @@ def test_sample_mask_ids_is_invariant_to_batch_split():
     grid = jnp.asarray((rng.random((8, 10, 6)) < 0.3).astype(np.float32))
     keys = jax.random.split(jax.random.key(3), 8)
     whole = np.asarray(_sample(keys, grid, 16))
-    halves = np.concatenate([np.asarray(_sample(keys[:4], grid[:4], 16)),
-                             np.asarray(_sample(keys[4:], grid[4:], 16))])
+    halves = np.concatenate(
+        [np.asarray(_sample(keys[:4], grid[:4], 16)), np.asarray(_sample(keys[4:], grid[4:], 16))]
+    )
     np.testing.assert_array_equal(whole, halves)
     present = np.asarray(grid).sum(-1) > 0
     for b in range(8):
@@ -159,7 +157,8 @@ def test_sample_mask_ids_program_size_does_not_grow_with_batch():
     def num_equations(batch: int) -> int:
         keys = jax.random.split(jax.random.key(0), batch)
         jaxpr = jax.make_jaxpr(masks.sample_mask_ids, static_argnums=2)(
-            keys, jnp.ones((batch, 8, 4)), 16)
+            keys, jnp.ones((batch, 8, 4)), 16
+        )
         return len(jaxpr.jaxpr.eqns)
 
     assert num_equations(2) == num_equations(64)

@@ -1,26 +1,29 @@
 """The contract every registered method inherits: finite step, 1 vs 4 devices, one trace,
 exact resume, loadable export, and learning on a fixed batch."""
+
 import chex
 import jax
 import numpy as np
 import pytest
 
-from conftest import logged, tiny_config
-from detcon import checkpoint as checkpoint_lib
 from detcon import devices as devices_lib
-from detcon import experiment as experiment_lib
-from detcon import export
 from detcon import methods
-from detcon import mock_data
-from detcon import step as step_lib
-from detcon import train
+from detcon.train.loop import experiment as experiment_lib
+from detcon.train.loop import loop as train_loop
+from detcon.train.loop import mock_data
+from detcon.train.loop import step as step_lib
+from detcon.weights import export
+from detcon.workdir import checkpoint as checkpoint_lib
+
+from conftest import logged, tiny_config
 
 TOTAL_STEPS = 100
 METHODS = methods.names()
 # The two slowest contract tests run for DetCon-B in the fast suite and for every method in the
 # full one (CI): the fast suite stays quick while each method is still checked before landing.
-METHODS_FAST_DETCON_B = [m if m == "detcon_b" else pytest.param(m, marks=pytest.mark.slow)
-                         for m in METHODS]
+METHODS_FAST_DETCON_B = [
+    m if m == "detcon_b" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS
+]
 
 
 def _config(method: str, batch_size: int = 8):
@@ -40,15 +43,21 @@ def _config(method: str, batch_size: int = 8):
 
 
 def _batch(config, step: int, num_devices: int) -> dict:
-    b = config.training.batch_size
-    flat = mock_data.mock_batch(0, step, np.arange(b), config.data.image_size,
-                                config.model.num_classes)
-    return {k: v.reshape((num_devices, b // num_devices) + v.shape[1:]) for k, v in flat.items()}
+    return mock_data.device_batch(
+        0,
+        step,
+        num_devices,
+        config.training.batch_size // num_devices,
+        config.data.image_size,
+        config.model.num_classes,
+    )
 
 
 def _run(experiment, state, num_devices: int, steps: int, counted: bool = False):
     devices = jax.devices()[:num_devices]
-    update = chex.assert_max_traces(experiment.update_step, n=1) if counted else experiment.update_step
+    update = (
+        chex.assert_max_traces(experiment.update_step, n=1) if counted else experiment.update_step
+    )
     p_step = step_lib.pmap_update_step(update, devices=devices)
     replicated = devices_lib.replicate(state, devices)
     history = []
@@ -60,8 +69,7 @@ def _run(experiment, state, num_devices: int, steps: int, counted: bool = False)
 
 
 def test_registry_lists_the_methods_and_names_them_in_errors():
-    assert {"detcon_b", "detcon_s", "byol", "simclr", "moco_v2", "densecl", "detco"} <= set(
-        METHODS)
+    assert {"detcon_b", "detcon_s", "byol", "simclr", "moco_v2", "densecl", "detco"} <= set(METHODS)
     with pytest.raises(ValueError, match="available: .*byol.*detcon_b"):
         methods.get("no_such_method")
 
@@ -93,8 +101,9 @@ def test_one_device_equals_four_devices_and_traces_once(method):
     chex.assert_trees_all_close(s1.online_state, s4.online_state, rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_close(s1.target_params, s4.target_params, rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_close(s1.extra, s4.extra, rtol=1e-4, atol=1e-4)
-    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), s1.online_params,
-                                   state.online_params)
+    moved = jax.tree_util.tree_map(
+        lambda a, b: float(np.abs(a - b).max()), s1.online_params, state.online_params
+    )
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-5, "the step did not move the parameters"
     chex.clear_trace_counter()
 
@@ -109,8 +118,9 @@ def test_loss_falls_on_a_fixed_batch(method):
     if config.optim.name == "sgd":
         config.optim.base_learning_rate = 3.2
     else:
-        config.optim.base_learning_rate = 100.0 if experiment_lib.methods_lib.get(
-            method).has_target else 10.0
+        config.optim.base_learning_rate = (
+            100.0 if experiment_lib.methods_lib.get(method).has_target else 10.0
+        )
     settings = config[method]
     if "augmentations" in settings:
         # SimCLR's colour strength 1.0 redraws the mock images' only cue (flat colours) each
@@ -147,7 +157,7 @@ def test_resumed_run_equals_uninterrupted_and_exports(method, tmp_path, monkeypa
     config.training.checkpoint_every_steps = 2
     config.training.keep_checkpoints = 5
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.run(config, straight)
+    train_loop.run(config, straight)
 
     real_save = checkpoint_lib.save
 
@@ -156,11 +166,11 @@ def test_resumed_run_equals_uninterrupted_and_exports(method, tmp_path, monkeypa
         if int(state.step) == 2:
             raise _Preempted()
 
-    monkeypatch.setattr(train.checkpoint_lib, "save", save_then_preempt)
+    monkeypatch.setattr(train_loop.checkpoint_lib, "save", save_then_preempt)
     with pytest.raises(_Preempted):
-        train.run(config, resumed)
+        train_loop.run(config, resumed)
     monkeypatch.undo()
-    train.run(config, resumed)
+    train_loop.run(config, resumed)
 
     template = experiment_lib.build(config, 4).init_state(jax.random.PRNGKey(0))
     a, _ = checkpoint_lib.restore(checkpoint_lib.make_manager(straight, 5), template)
@@ -195,6 +205,7 @@ def test_step_returns_the_state_types_it_takes_with_default_settings(method):
     before = jax.tree_util.tree_map(per_device, state)
     after, _ = jax.eval_shape(p_step, before, batch)
     assert jax.tree_util.tree_structure(after) == jax.tree_util.tree_structure(before)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
-                            jax.tree_util.tree_leaves(after)):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after)
+    ):
         assert (a.shape, a.dtype) == (b.shape, b.dtype), jax.tree_util.keystr(path)

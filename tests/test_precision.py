@@ -1,4 +1,5 @@
 """bf16 mixed precision: bf16 convs and matmuls; fp32 parameters, optimizer, BatchNorm and loss."""
+
 import re
 
 import jax
@@ -6,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from detcon.train.loop import experiment as experiment_lib
+from detcon.train.loop import mock_data
+from detcon.train.loop import state as state_lib
+
 from conftest import tiny_config
-from detcon import mock_data
-from detcon import experiment as experiment_lib
-from detcon import state as state_lib
 
 TOTAL_STEPS = 100
 # The bf16 step's loss on a fixed batch and the same initial state lies within this relative
@@ -20,10 +22,14 @@ LOSS_RTOL = 2e-2
 # once here.
 _FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
 # "%r = stablehlo.convolution(...) ... feature_group_count = G ... : (lhs, rhs) -> out".
-_CONV = re.compile(r"stablehlo\.convolution.*feature_group_count = (\d+).*"
-                   r": \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>")
-_DOT = re.compile(r"stablehlo\.dot_general.*"
-                  r": \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>")
+_CONV = re.compile(
+    r"stablehlo\.convolution.*feature_group_count = (\d+).*"
+    r": \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>"
+)
+_DOT = re.compile(
+    r"stablehlo\.dot_general.*"
+    r": \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>"
+)
 
 
 def _convolutions(text: str) -> list[tuple[int, str, str, str]]:
@@ -46,8 +52,9 @@ def runs():
         configs[precision].optim.warmup_fraction = 0.0  # a non-zero first learning rate
         configs[precision].model.precision = precision
     # Both networks exist before either is traced: each must keep its own precision.
-    experiments = {p: experiment_lib.build(c, TOTAL_STEPS, axis_name=None)
-                   for p, c in configs.items()}
+    experiments = {
+        p: experiment_lib.build(c, TOTAL_STEPS, axis_name=None) for p, c in configs.items()
+    }
     c = configs["float32"]
 
     def init(precision: str) -> state_lib.TrainState:
@@ -56,7 +63,7 @@ def runs():
     state = init("float32")
     batch = mock_data.mock_batch(0, 0, np.arange(4), c.data.image_size, c.model.num_classes)
     results = {}
-    for precision, config in configs.items():
+    for precision in configs:
         update = experiments[precision].update_step
         lowered = jax.jit(update).lower(state, batch)
         new_state, metrics = lowered.compile(compiler_options=_FAST_COMPILE)(state, batch)
@@ -104,10 +111,11 @@ def test_parameters_optimizer_batchnorm_and_loss_stay_float32(runs):
     _, results = runs
     for precision, result in results.items():
         state = result["state"]
-        for name in ("online_params", "target_params", "online_state", "target_state",
-                     "opt_state"):
+        for name in ("online_params", "target_params", "online_state", "target_state", "opt_state"):
             assert _floating_dtypes(getattr(state, name)) == {jnp.dtype(jnp.float32)}, (
-                precision, name)
+                precision,
+                name,
+            )
         for key in ("loss", "detcon_loss", "classifier_loss"):
             assert result["metrics"][key].dtype == jnp.float32, (precision, key)
 

@@ -1,4 +1,5 @@
 """Runs that must survive divergence, preemption, corrupt files, changed configs and own data."""
+
 import json
 import logging
 import os
@@ -12,15 +13,16 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, logged, tiny_config
-from detcon import checkpoint as checkpoint_lib
 from detcon import errors
-from detcon import export
-from detcon import finite
-from detcon import metrics as metrics_lib
-from detcon import train
-from detcon import workdir_lock
-from detcon.data import image_folder, mask_job
+from detcon.data.build import image_folder, mask_job
+from detcon.train.loop import loop as train_loop
+from detcon.weights import export
+from detcon.workdir import checkpoint as checkpoint_lib
+from detcon.workdir import finite
+from detcon.workdir import lock as workdir_lock
+from detcon.workdir import metrics as metrics_lib
+
+from conftest import REPO, logged, tiny_config
 
 
 def _config(max_steps: int, every: int = 2):
@@ -45,6 +47,7 @@ def _saved_steps(workdir) -> list[int]:
 
 def _load_state(workdir, step: int) -> dict:
     import orbax.checkpoint as ocp
+
     path = os.path.join(str(workdir), "checkpoints", str(step), "state")
     return ocp.StandardCheckpointer().restore(path)
 
@@ -53,12 +56,13 @@ def _load_state(workdir, step: int) -> dict:
 def six_steps(tmp_path_factory):
     """A finished 6-step mock run with checkpoints at 2, 4, 6 (copied by tests that change it)."""
     workdir = str(tmp_path_factory.mktemp("six") / "w")
-    train.run(_config(6), workdir)
+    train_loop.run(_config(6), workdir)
     return workdir
 
 
 def _copy(workdir: str, tmp_path) -> str:
     import shutil
+
     target = str(tmp_path / "copy")
     shutil.copytree(workdir, target)
     return target
@@ -66,9 +70,12 @@ def _copy(workdir: str, tmp_path) -> str:
 
 # 1. Divergence -----------------------------------------------------------------------------------
 
+
 def test_non_finite_state_is_never_saved(tmp_path):
     import jax
-    from detcon import experiment as experiment_lib
+
+    from detcon.train.loop import experiment as experiment_lib
+
     config = _config(1)
     state = experiment_lib.build(config, 1).init_state(jax.random.PRNGKey(0))
     module = sorted(state.online_state)[0]
@@ -87,7 +94,7 @@ def test_diverging_run_stops_keeps_only_finite_checkpoints_and_says_how_to_go_ba
     config = _config(8, every=1)
     config.optim.base_learning_rate = 1e9
     with pytest.raises(errors.RunStopped, match=r"--restore_step=\d+") as stopped:
-        train.run(config, str(tmp_path))
+        train_loop.run(config, str(tmp_path))
     saved = _saved_steps(tmp_path)
     assert f"steps {', '.join(map(str, saved))}" in str(stopped.value)
     for step in saved:
@@ -98,7 +105,7 @@ def test_restore_step_moves_later_checkpoints_aside_and_replays_the_same_run(six
     workdir = _copy(six_steps, tmp_path)
     config = _config(6)
     config.training.restore_step = 2
-    train.run(config, workdir)
+    train_loop.run(config, workdir)
     aside = os.path.join(workdir, "checkpoints_after_2")
     assert sorted(os.listdir(aside)) == ["4", "6"]
     assert _saved_steps(workdir) == [2, 4, 6]
@@ -106,7 +113,7 @@ def test_restore_step_moves_later_checkpoints_aside_and_replays_the_same_run(six
     np.testing.assert_allclose(_losses(workdir), _losses(six_steps), rtol=1e-5)
     config.training.restore_step = 3
     with pytest.raises(errors.CheckpointRestoreError, match="kept steps: 2, 4, 6"):
-        train.run(config, workdir)
+        train_loop.run(config, workdir)
 
 
 def test_exporter_refuses_non_finite_weights(six_steps, tmp_path):
@@ -115,22 +122,30 @@ def test_exporter_refuses_non_finite_weights(six_steps, tmp_path):
     params[module]["w"] = params[module]["w"].copy()
     params[module]["w"][0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or inf in .*conv1.weight"):
-        export.export_torso(params, state, export.infer_torso_architecture(params)[0],
-                            "torchvision", str(tmp_path / "out"))
+        export.export_torso(
+            params,
+            state,
+            export.infer_torso_architecture(params)[0],
+            "torchvision",
+            str(tmp_path / "out"),
+        )
     assert not os.listdir(tmp_path)
 
 
 # 4, 5. Corrupt files -----------------------------------------------------------------------------
 
+
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(six_steps, tmp_path, caplog):
     workdir = _copy(six_steps, tmp_path)
     state_dir = os.path.join(workdir, "checkpoints", "6", "state")
-    biggest = max((os.path.join(d, n) for d, _, names in os.walk(state_dir) for n in names),
-                  key=os.path.getsize)
+    biggest = max(
+        (os.path.join(d, n) for d, _, names in os.walk(state_dir) for n in names),
+        key=os.path.getsize,
+    )
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 2)
     caplog.set_level(logging.WARNING)
-    train.run(_config(6), workdir)
+    train_loop.run(_config(6), workdir)
     warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
     assert len(warnings) == 1 and "checkpoints/6" in warnings[0]
     assert os.listdir(os.path.join(workdir, "checkpoints_unreadable")) == ["6"]
@@ -140,6 +155,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(six_steps, t
 
 def test_full_disk_is_one_clear_error(six_steps, tmp_path, monkeypatch):
     import errno
+
     workdir = _copy(six_steps, tmp_path)
     manager = checkpoint_lib.make_manager(workdir, 10)
 
@@ -148,7 +164,8 @@ def test_full_disk_is_one_clear_error(six_steps, tmp_path, monkeypatch):
 
     monkeypatch.setattr(manager, "save", no_space)
     state = _load_state(workdir, 6)
-    from detcon.state import TrainState
+    from detcon.train.state import TrainState
+
     with pytest.raises(errors.CheckpointWriteError, match="the disk is full.*resumes from step 6"):
         checkpoint_lib.save(manager, TrainState(**state)._replace(step=np.int32(8)), {})
 
@@ -184,61 +201,70 @@ def test_resumed_run_has_no_duplicate_tensorboard_points(six_steps, tmp_path):
     config = _config(8)
     config.training.allow_config_change = True
     import shutil
+
     shutil.rmtree(os.path.join(workdir, "tensorboard"))
     from tensorboardX import SummaryWriter
+
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     for step in range(1, 8):  # what the first run put in TensorBoard: steps 1..7
         writer.add_scalar("loss", 1.0, step)
     writer.close()
-    train.run(config, workdir)
+    train_loop.run(config, workdir)
     assert _tensorboard_points(os.path.join(workdir, "tensorboard"), "loss") == list(range(1, 9))
     assert _steps(workdir) == list(range(1, 9))
 
 
 # 6. Changed config on resume ----------------------------------------------------------------------
 
+
 def test_changed_model_is_refused_and_changed_schedule_needs_consent(six_steps, tmp_path, caplog):
     workdir = _copy(six_steps, tmp_path)
     config = _config(6)
     config.model.depth = 18
     config.model.precision = "bfloat16"
-    with pytest.raises(errors.ConfigChangeError,
-                       match=r"model.depth: 10 -> 18; model.precision: 'float32' -> 'bfloat16'"):
-        train.run(config, workdir)
+    with pytest.raises(
+        errors.ConfigChangeError,
+        match=r"model.depth: 10 -> 18; model.precision: 'float32' -> 'bfloat16'",
+    ):
+        train_loop.run(config, workdir)
     config = _config(6)
     config.optim.base_learning_rate = 0.5
-    with pytest.raises(errors.ConfigChangeError,
-                       match=r"optim.base_learning_rate: 0.2 -> 0.5.*allow_config_change=True"):
-        train.run(config, workdir)
+    with pytest.raises(
+        errors.ConfigChangeError,
+        match=r"optim.base_learning_rate: 0.2 -> 0.5.*allow_config_change=True",
+    ):
+        train_loop.run(config, workdir)
     config.training.allow_config_change = True
     caplog.set_level(logging.WARNING)
-    train.run(config, workdir)  # nothing left to do, but accepted and logged
+    train_loop.run(config, workdir)  # nothing left to do, but accepted and logged
     assert any("optim.base_learning_rate: 0.2 -> 0.5" in r.getMessage() for r in caplog.records)
 
 
 # 7. Preemption and the workdir lock ---------------------------------------------------------------
 
+
 def test_sigterm_finishes_the_step_saves_and_exits_nonzero(tmp_path, monkeypatch):
     config = _config(10, every=100)
-    real_batches = train.mock_batches
+    real_batches = train_loop.mock_batches
 
     def terminated_midway(config, start_step, local_devices, per_device):
-        for step, batch in enumerate(real_batches(config, start_step, local_devices, per_device),
-                                     start=start_step):
+        for step, batch in enumerate(
+            real_batches(config, start_step, local_devices, per_device), start=start_step
+        ):
             if step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
 
-    monkeypatch.setattr(train, "mock_batches", terminated_midway)
+    monkeypatch.setattr(train_loop, "mock_batches", terminated_midway)
     with pytest.raises(errors.Preempted, match=r"Stopped by SIGTERM after step (\d+)") as stopped:
-        train.run(config, str(tmp_path))
+        train_loop.run(config, str(tmp_path))
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     saved = _saved_steps(tmp_path)
     assert len(saved) == 1 and 1 <= saved[0] < 10
     assert f"after step {saved[0]};" in str(stopped.value)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     monkeypatch.undo()
-    train.run(config, str(tmp_path))
+    train_loop.run(config, str(tmp_path))
     assert _steps(tmp_path) == list(range(1, 11))
 
 
@@ -247,7 +273,7 @@ def test_second_run_on_a_workdir_is_refused_and_stale_locks_are_replaced(tmp_pat
     with pytest.raises(errors.WorkdirLockedError, match=f"pid {os.getpid()} on"):
         workdir_lock.acquire(str(tmp_path))
     with pytest.raises(errors.WorkdirLockedError):
-        train.run(_config(1), str(tmp_path))
+        train_loop.run(_config(1), str(tmp_path))
     workdir_lock.release(path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -262,6 +288,7 @@ def test_second_run_on_a_workdir_is_refused_and_stale_locks_are_replaced(tmp_pat
 
 # 2, 3, 8. One's own data --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def seven_classes(tmp_path_factory):
     """A dataset of 7 classes x 2 images made by the mask generator (more than tiny_config's 4)."""
@@ -273,9 +300,17 @@ def seven_classes(tmp_path_factory):
             pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(10, 0).repeat(10, 1)
             Image.fromarray(pixels).save(root / "images" / f"class{label}" / f"{i}.png")
     listing = image_folder.list_images(str(root / "images"))
-    mask_job.generate_split("train", image_folder.shuffled(listing.files, 0), str(root / "fh"),
-                            num_shards=2, params=mask_job.FhParams((100.0,), (20,)), seed=0,
-                            num_workers=1, show_progress=False, classes=listing.classes)
+    mask_job.generate_split(
+        "train",
+        image_folder.shuffled(listing.files, 0),
+        str(root / "fh"),
+        num_shards=2,
+        params=mask_job.FhParams((100.0,), (20,)),
+        seed=0,
+        num_workers=1,
+        show_progress=False,
+        classes=listing.classes,
+    )
     return str(root / "fh")
 
 
@@ -291,18 +326,19 @@ def _real(directory: str, max_steps: int = -1):
 def test_probe_smaller_than_the_dataset_is_refused_before_compiling(seven_classes, tmp_path):
     config = _real(seven_classes, 1)  # tiny_config's num_classes is 4
     with pytest.raises(errors.DatasetMismatchError, match="num_classes=4 but the dataset has 7"):
-        train.run(config, str(tmp_path))
+        train_loop.run(config, str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_classes_and_epochs_come_from_the_dataset_and_runs_are_reproducible(seven_classes,
-                                                                           tmp_path, caplog):
+def test_classes_and_epochs_come_from_the_dataset_and_runs_are_reproducible(
+    seven_classes, tmp_path, caplog
+):
     caplog.set_level(logging.INFO)
     first = _real(seven_classes, max_steps=2)
     first.model.num_classes = -1
     first.data.num_train_examples = 1_281_167  # ImageNet's: disagrees with the 14 images
     first.data.deterministic = True
-    train.run(first, str(tmp_path / "first"))
+    train_loop.run(first, str(tmp_path / "first"))
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "Classes: 7 from" in messages and "fh_masks_train.json" in messages
     assert "num_train_examples=1281167 but the dataset holds 14" in messages
@@ -313,7 +349,7 @@ def test_classes_and_epochs_come_from_the_dataset_and_runs_are_reproducible(seve
     second.data.num_train_examples = -1
     second.training.pretrain_epochs = 1
     second.data.deterministic = True
-    train.run(second, str(tmp_path / "second"))
+    train_loop.run(second, str(tmp_path / "second"))
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "Examples per epoch: 14 from the record counts" in messages
     # One epoch of 14 images at batch 8 is 1 step, not 1281167 // 8.
@@ -325,23 +361,38 @@ def test_classes_and_epochs_come_from_the_dataset_and_runs_are_reproducible(seve
 
 # 11. Small things ----------------------------------------------------------------------------------
 
+
 def test_zero_batch_is_a_clear_error(tmp_path):
     config = _config(1)
     config.training.batch_size = 0
     with pytest.raises(errors.ConfigError, match="--batch_size=0 must be a positive multiple"):
-        train.run(config, str(tmp_path))
+        train_loop.run(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.training.bogus=1"], "names no field of the config: bogus"),
-    (["--config=configs/nope.py"], "--config=configs/nope.py: no such file"),
-    (["stray"], "Unexpected arguments: ['stray']"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.training.bogus=1"], "names no field of the config: bogus"),
+        (["--config=configs/nope.py"], "--config=configs/nope.py: no such file"),
+        (["stray"], "Unexpected arguments: ['stray']"),
+    ],
+)
 def test_command_line_mistakes_are_one_line(args, message, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "detcon.main_loop", "--config=configs/demo.py",
-         f"--workdir={tmp_path}", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+        [
+            sys.executable,
+            "-m",
+            "detcon.main_loop",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path}",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "oneDNN" not in line and line.strip()]
     assert len(lines) == 1 and lines[0].startswith("main_loop.py: error: "), result.stderr[-2000:]
@@ -350,9 +401,19 @@ def test_command_line_mistakes_are_one_line(args, message, tmp_path):
 
 def test_exporter_prints_no_orbax_chatter(six_steps, tmp_path):
     result = subprocess.run(
-        [sys.executable, "scripts/export_checkpoint.py", f"--checkpoint={six_steps}",
-         "--format=npz", f"--output={tmp_path / 'r10'}"], cwd=REPO, capture_output=True,
-        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+        [
+            sys.executable,
+            "scripts/export_checkpoint.py",
+            f"--checkpoint={six_steps}",
+            "--format=npz",
+            f"--output={tmp_path / 'r10'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "orbax" not in result.stderr.lower(), result.stderr[-2000:]
     assert os.path.exists(tmp_path / "r10.npz")

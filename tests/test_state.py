@@ -1,9 +1,11 @@
 """Initial state: online and target networks from their own keys, as the released DetCon-B."""
+
 import jax
 import numpy as np
 
+from detcon.train.loop import experiment as experiment_lib
+
 from conftest import tiny_config
-from detcon import experiment as experiment_lib
 
 
 def test_online_and_target_start_from_the_two_halves_of_the_init_key():
@@ -25,7 +27,9 @@ def test_online_and_target_start_from_the_two_halves_of_the_init_key():
     view = experiment.method.dummy_view()
     expected_online, _ = network.init(online_rng, view, is_training=True)
     expected_target, _ = network.init(target_rng, view, is_training=True)
-    for got, want in ((state.online_params, expected_online),
-                      (state.target_params, expected_target)):
+    for got, want in (
+        (state.online_params, expected_online),
+        (state.target_params, expected_target),
+    ):
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

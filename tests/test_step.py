@@ -1,16 +1,18 @@
 """The pmapped DetCon-B step: device-split invariance, exact EMA, learning, single trace."""
+
 import chex
 import jax
 import numpy as np
 import pytest
 
-from conftest import load_config, tiny_config
 from detcon import devices as devices_lib
-from detcon import experiment as experiment_lib
 from detcon import methods
-from detcon import mock_data
-from detcon import optim
-from detcon import step as step_lib
+from detcon.methods.base import target_ema
+from detcon.train.loop import experiment as experiment_lib
+from detcon.train.loop import mock_data, optim
+from detcon.train.loop import step as step_lib
+
+from conftest import load_config, tiny_config
 
 TOTAL_STEPS = 100
 
@@ -21,10 +23,14 @@ def _setup(config):
 
 
 def _batch(config, step, num_devices):
-    b = config.training.batch_size
-    flat = mock_data.mock_batch(0, step, np.arange(b), config.data.image_size,
-                                config.model.num_classes)
-    return {k: v.reshape((num_devices, b // num_devices) + v.shape[1:]) for k, v in flat.items()}
+    return mock_data.device_batch(
+        0,
+        step,
+        num_devices,
+        config.training.batch_size // num_devices,
+        config.data.image_size,
+        config.model.num_classes,
+    )
 
 
 def _run(config, state, update, num_devices, steps):
@@ -33,8 +39,9 @@ def _run(config, state, update, num_devices, steps):
     replicated = devices_lib.replicate(state, devices)
     losses = []
     for t in range(steps):
-        replicated, metrics = p_step(replicated, devices_lib.shard(_batch(config, t, num_devices),
-                                                                     devices))
+        replicated, metrics = p_step(
+            replicated, devices_lib.shard(_batch(config, t, num_devices), devices)
+        )
         losses.append(float(devices_lib.unreplicate(metrics)["loss"]))
     return devices_lib.unreplicate(replicated), losses
 
@@ -56,8 +63,9 @@ def test_one_device_equals_four_devices(one_vs_four):
     chex.assert_trees_all_close(s1.online_state, s4.online_state, rtol=1e-4, atol=1e-4)
     # The step really moved the parameters (the comparison above is not vacuous).
     assert int(s1.step) == 2
-    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), s1.online_params,
-                                   one_vs_four[0].online_params)
+    moved = jax.tree_util.tree_map(
+        lambda a, b: float(np.abs(a - b).max()), s1.online_params, one_vs_four[0].online_params
+    )
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-4
 
 
@@ -78,14 +86,16 @@ def two_devices():
 def test_ema_update_is_exact(two_devices):
     config, state, p_step, devices = two_devices
     # Make target differ from online so the EMA formula is visible.
-    state = state._replace(target_params=jax.tree_util.tree_map(lambda x: x * 0.5 + 0.1,
-                                                                state.target_params))
+    state = state._replace(
+        target_params=jax.tree_util.tree_map(lambda x: x * 0.5 + 0.1, state.target_params)
+    )
     replicated, _ = p_step(devices_lib.replicate(state, devices), _batch(config, 0, 2))
     new = devices_lib.unreplicate(replicated)
-    tau = float(optim.target_ema(0, base_ema=config.detcon_b.base_ema, total_steps=TOTAL_STEPS))
+    tau = float(target_ema(0, base_ema=config.detcon_b.base_ema, total_steps=TOTAL_STEPS))
     assert tau == pytest.approx(config.detcon_b.base_ema)
-    expected = jax.tree_util.tree_map(lambda t, o: tau * t + (1 - tau) * o,
-                                      state.target_params, new.online_params)
+    expected = jax.tree_util.tree_map(
+        lambda t, o: tau * t + (1 - tau) * o, state.target_params, new.online_params
+    )
     chex.assert_trees_all_close(new.target_params, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -121,19 +131,28 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(method):
         experiment = experiment_lib.build(config, TOTAL_STEPS, axis_name=None)
         state = experiment.init_state(jax.random.PRNGKey(0))
         batch = {k: v[0] for k, v in _batch(config, 0, 1).items()}
-        views = tuple(experiment.method.view_inputs(
-            step_lib.example_keys(state.rng, state.step, batch["index"], 4)[:, 2 * v:2 * v + 2],
-            batch, v) for v in range(2))
+        views = tuple(
+            experiment.method.view_inputs(
+                step_lib.example_keys(state.rng, state.step, batch["index"], 4)[
+                    :, 2 * v : 2 * v + 2
+                ],
+                batch,
+                v,
+            )
+            for v in range(2)
+        )
 
-        def objective(params):
-            forward = methods.forward_views(experiment.network, params, state.online_state, views,
-                                            one_pass, is_training=True)
+        def objective(params, experiment=experiment, state=state, views=views, one_pass=one_pass):
+            forward = methods.forward_views(
+                experiment.network, params, state.online_state, views, one_pass, is_training=True
+            )
             target = forward.outputs if experiment.method.has_target else None
             loss, _ = experiment.method.loss(forward.outputs, target, views, state.extra, None)
             return loss, forward.state
 
         (loss, net_state), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
-            state.online_params)
+            state.online_params
+        )
         new_state, metrics = jax.jit(experiment.update_step)(state, batch)
         results[one_pass] = (loss, grads, net_state, new_state, metrics)
     two, one = results[False], results[True]
@@ -152,8 +171,11 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(method):
     chex.assert_trees_all_close(one[3].online_params, two[3].online_params, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(one[4]["loss"], two[4]["loss"], rtol=1e-5, atol=1e-5)
     # Not vacuous: the BatchNorm averages moved away from their initial values.
-    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
-                                   one[2], experiment.init_state(jax.random.PRNGKey(0)).online_state)
+    moved = jax.tree_util.tree_map(
+        lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+        one[2],
+        experiment.init_state(jax.random.PRNGKey(0)).online_state,
+    )
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
 
 

@@ -32,8 +32,10 @@ def read(dataset_directory: str, split: str = "train") -> DatasetInfo:
     elif len(unrecorded) == len(paths):
         examples_source = f"record headers of the {len(paths)} shards (no recorded counts)"
     else:
-        examples_source = (f"recorded counts of {len(paths) - len(unrecorded)} shards and record "
-                           f"headers of {len(unrecorded)}")
+        examples_source = (
+            f"recorded counts of {len(paths) - len(unrecorded)} shards and record "
+            f"headers of {len(unrecorded)}"
+        )
     manifest = shards.read_manifest(dataset_directory, split)
     num_classes = None if manifest is None else manifest.get("num_classes")
     classes_source = manifest_name if num_classes is not None else "unknown (no manifest)"

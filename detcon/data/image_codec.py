@@ -55,9 +55,7 @@ def encode_jpeg(pixels: np.ndarray, full_chroma: bool = False) -> bytes:
     out = io.BytesIO()
     # Pillow's default, 4:2:0, halves colour resolution; 4:4:4 keeps it for tiny images.
     subsampling = 0 if full_chroma else -1
-    Image.fromarray(pixels).save(
-        out, format="JPEG", quality=JPEG_QUALITY, subsampling=subsampling
-    )
+    Image.fromarray(pixels).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=subsampling)
     return out.getvalue()
 
 

@@ -77,11 +77,11 @@ def two_views(
     """
     if "fh" not in example:
         seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-        return {"view1": views.random_image_view(example["image"], image_size, seed1,
-                                                 crop_min_area),
-                "view2": views.random_image_view(example["image"], image_size, seed2,
-                                                 crop_min_area),
-                "label": example["label"]}
+        return {
+            "view1": views.random_image_view(example["image"], image_size, seed1, crop_min_area),
+            "view2": views.random_image_view(example["image"], image_size, seed2, crop_min_area),
+            "label": example["label"],
+        }
     fh = example["fh"]
     check = tf.debugging.assert_less(
         fh_mask_index,
@@ -222,8 +222,14 @@ def pretrain_batches(
 
     def make_pair(epoch: tf.Tensor, position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         key = tf.stack([tf.constant(stream_seed, tf.int64), epoch * (2**40) + position])
-        return two_views(decode_example(record, with_masks), image_size, fh_mask_index, key,
-                         max_mask_id, crop_min_area)
+        return two_views(
+            decode_example(record, with_masks),
+            image_size,
+            fh_mask_index,
+            key,
+            max_mask_id,
+            crop_min_area,
+        )
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     dataset = (

@@ -39,6 +39,8 @@ MAX_SEGMENT_ID = np.iinfo(np.uint16).max
 
 class TooManySegmentsError(ValueError):
     """FH gave more segments than the uint16 ids hold: a settings problem, not a bad image."""
+
+
 NO_LABEL = 0  # label 0 is reserved (background / unlabelled), real classes start at 1
 
 

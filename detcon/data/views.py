@@ -1,6 +1,6 @@
 """Geometric views of an image and its FH mask, cropped and flipped together (stateless, seeded).
 
-Only geometry lives here; colour augmentation runs on device (detcon/augment.py).  The mask is
+Only geometry lives here; colour augmentation runs on device (detcon/ops/augment.py).  The mask is
 cropped with the same window and flipped with the same coin as the image, and resized with nearest
 neighbour so it keeps integer segment ids; both resizes use half-pixel centres, so they line up.
 """
@@ -54,8 +54,9 @@ def random_crop_window(
     return tf.stack([top, left]), tf.stack([crop_height, crop_width])
 
 
-def crop_flip_resize_image(image: tf.Tensor, offset: tf.Tensor, size: tf.Tensor, flip: tf.Tensor,
-                           image_size: int) -> tf.Tensor:
+def crop_flip_resize_image(
+    image: tf.Tensor, offset: tf.Tensor, size: tf.Tensor, flip: tf.Tensor, image_size: int
+) -> tf.Tensor:
     """Returns float32 `[S, S, 3]`: the window `offset`, `size` of image `[H, W, 3]`, flipped."""
     image = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], 3]))
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -103,8 +104,9 @@ def reindex_segments(mask: tf.Tensor, max_mask_id: int) -> tuple[tf.Tensor, tf.T
     return ids, tf.maximum(num_segments - max_mask_id, 0)
 
 
-def _random_geometry(image: tf.Tensor, seed: tf.Tensor, min_area: float
-                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _random_geometry(
+    image: tf.Tensor, seed: tf.Tensor, min_area: float
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(offset, size, flip) of a random view of image `[H, W, 3]`, drawn from `seed`."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     offset, size = random_crop_window(tf.shape(image), crop_seed, min_area)
@@ -112,15 +114,19 @@ def _random_geometry(image: tf.Tensor, seed: tf.Tensor, min_area: float
 
 
 def random_view(
-    image: tf.Tensor, mask: tf.Tensor, image_size: int, seed: tf.Tensor,
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    image_size: int,
+    seed: tf.Tensor,
     min_area: float = CROP_AREA_RANGE[0],
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns a random view, float32 `[S, S, 3]` + int32 `[S, S]`, of image `[H, W, 3]`, mask."""
     return crop_flip_resize(image, mask, *_random_geometry(image, seed, min_area), image_size)
 
 
-def random_image_view(image: tf.Tensor, image_size: int, seed: tf.Tensor,
-                      min_area: float = CROP_AREA_RANGE[0]) -> tf.Tensor:
+def random_image_view(
+    image: tf.Tensor, image_size: int, seed: tf.Tensor, min_area: float = CROP_AREA_RANGE[0]
+) -> tf.Tensor:
     """random_view's image `[S, S, 3]` alone (same seed, same view), for methods without masks."""
     return crop_flip_resize_image(image, *_random_geometry(image, seed, min_area), image_size)
 

@@ -3,7 +3,8 @@
 Parameters stay fixed and BatchNorm uses its moving averages (is_training=False); the forward is
 pmapped over the local devices and fed `[D, b, S, S, 3]` batches of images in [0, 1].
 """
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import haiku as hk
 import jax
@@ -11,33 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from detcon import augment
 from detcon import devices as devices_lib
-from detcon import networks
-
-
-class FrozenTorso(NamedTuple):
-    """A torso's architecture and its weights (host NumPy trees)."""
-    depth: int
-    width_multiplier: int
-    params: dict
-    state: dict
-
-
-def _torso_subtree(tree: dict, depth: int) -> dict:
-    """The modules of `tree` that belong to the torso ('res_net{depth}/...')."""
-    root = networks.resnet_name(depth)
-    return {k: v for k, v in tree.items() if k == root or k.startswith(root + "/")}
-
-
-def from_network(params: dict, state: dict, model_config: Any) -> FrozenTorso:
-    """The torso part of a whole network's params/state (e.g. a checkpoint's online network)."""
-    depth, width = int(model_config["depth"]), int(model_config["width_multiplier"])
-    torso_params = _torso_subtree(params, depth)
-    if not torso_params:
-        raise ValueError(f"The network holds no '{networks.resnet_name(depth)}' torso; does the "
-                         "checkpoint's config.model.depth match its weights?")
-    return FrozenTorso(depth, width, torso_params, _torso_subtree(state, depth))
+from detcon.models import networks
+from detcon.ops import augment
+from detcon.weights.torso import FrozenTorso
 
 
 def _unit_variance_statistics(state: dict) -> dict:
@@ -50,21 +28,25 @@ def _unit_variance_statistics(state: dict) -> dict:
     out = {}
     for module, leaves in state.items():
         is_variance = module.endswith("var_ema")
-        out[module] = {name: (np.ones_like(value) if is_variance and name in ("average", "hidden")
-                              else value) for name, value in leaves.items()}
+        out[module] = {
+            name: (np.ones_like(value) if is_variance and name in ("average", "hidden") else value)
+            for name, value in leaves.items()
+        }
     return out
 
 
-def random_init(depth: int, width_multiplier: int, seed: int, image_size: int = 64
-                ) -> FrozenTorso:
+def random_init(depth: int, width_multiplier: int, seed: int, image_size: int = 64) -> FrozenTorso:
     """A freshly initialised torso (the untrained baseline) with unit BatchNorm statistics."""
     transformed = networks.torso_fn(depth, width_multiplier)
-    params, state = transformed.init(jax.random.PRNGKey(seed),
-                                     jnp.zeros((1, image_size, image_size, 3)), is_training=True)
-    to_host = lambda tree: jax.tree_util.tree_map(np.asarray,
-                                                  hk.data_structures.to_mutable_dict(tree))
-    return FrozenTorso(depth, width_multiplier, to_host(params),
-                       _unit_variance_statistics(to_host(state)))
+    params, state = transformed.init(
+        jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)), is_training=True
+    )
+    to_host = lambda tree: jax.tree_util.tree_map(
+        np.asarray, hk.data_structures.to_mutable_dict(tree)
+    )
+    return FrozenTorso(
+        depth, width_multiplier, to_host(params), _unit_variance_statistics(to_host(state))
+    )
 
 
 def make_feature_map_fn(torso: FrozenTorso) -> Callable[[Any, Any, jax.Array], jax.Array]:
@@ -72,9 +54,11 @@ def make_feature_map_fn(torso: FrozenTorso) -> Callable[[Any, Any, jax.Array], j
     transformed = networks.torso_fn(torso.depth, torso.width_multiplier)
 
     def feature_map(params, state, images):
-        fmap, _ = transformed.apply(params, state, None, augment.normalize(images),
-                                    is_training=False)
+        fmap, _ = transformed.apply(
+            params, state, None, augment.normalize(images), is_training=False
+        )
         return jax.lax.stop_gradient(fmap.astype(jnp.float32))
+
     return feature_map
 
 
@@ -90,8 +74,10 @@ class Extractor:
     def __init__(self, torso: FrozenTorso, reduce: Optional[Callable] = pooled):
         self._devices = jax.local_devices()
         feature_map = make_feature_map_fn(torso)
-        self._forward = jax.pmap(lambda p, s, x: (reduce or (lambda f: f))(feature_map(p, s, x)),
-                                 axis_name=devices_lib.AXIS)
+        self._forward = jax.pmap(
+            lambda p, s, x: (reduce or (lambda f: f))(feature_map(p, s, x)),
+            axis_name=devices_lib.AXIS,
+        )
         self.load(torso)
 
     def load(self, torso: FrozenTorso) -> None:
@@ -110,10 +96,13 @@ class Extractor:
         return out.reshape((-1,) + out.shape[2:])
 
 
-def extract(extractor: Extractor, batches: Iterable[dict[str, np.ndarray]],
-            total: Optional[int] = None, description: str = "features",
-            keep_unlabelled: bool = False
-            ) -> tuple[np.ndarray, np.ndarray]:
+def extract(
+    extractor: Extractor,
+    batches: Iterable[dict[str, np.ndarray]],
+    total: Optional[int] = None,
+    description: str = "features",
+    keep_unlabelled: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, ...], labels [N]) over `batches` of {image [D, b, ...], label [D, b]}.
 
     Rows with label -1 (batch padding, or unlabelled records) are dropped unless keep_unlabelled.
@@ -130,17 +119,20 @@ def extract(extractor: Extractor, batches: Iterable[dict[str, np.ndarray]],
     return np.concatenate(features), np.concatenate(labels)
 
 
-def device_batches(images: np.ndarray, labels: np.ndarray, num_devices: int, per_device: int
-                   ) -> Iterator[dict[str, np.ndarray]]:
+def device_batches(
+    images: np.ndarray, labels: np.ndarray, num_devices: int, per_device: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Arrays [N, ...] (uint8 or [0, 1]) as float batches {image [D, b, ...], label [D, b]}."""
     step = num_devices * per_device
     for start in range(0, len(images), step):
-        chunk, chunk_labels = images[start:start + step], labels[start:start + step]
+        chunk, chunk_labels = images[start : start + step], labels[start : start + step]
         pad = step - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
             chunk_labels = np.concatenate([chunk_labels, -np.ones((pad,), chunk_labels.dtype)])
         if chunk.dtype == np.uint8:  # converted per batch: a whole uint8 set stays 4x smaller
             chunk = chunk.astype(np.float32) / 255.0
-        yield {"image": chunk.reshape((num_devices, per_device) + chunk.shape[1:]),
-               "label": chunk_labels.reshape(num_devices, per_device)}
+        yield {
+            "image": chunk.reshape((num_devices, per_device) + chunk.shape[1:]),
+            "label": chunk_labels.reshape(num_devices, per_device),
+        }

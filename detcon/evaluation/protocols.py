@@ -1,44 +1,68 @@
-"""The three probes end to end: data -> frozen features -> probe -> metrics and settings.
+"""The probes by name, end to end: data -> frozen features -> probe -> metrics and settings.
 
 Evaluation is single-process: one host reads whole splits and maps the forward over its devices.
 """
+
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from detcon.evaluation import datasets
+from detcon.data import labelled
 from detcon.evaluation import features as features_lib
 from detcon.evaluation import knn as knn_lib
 from detcon.evaluation import linear as linear_lib
-from detcon.evaluation import linear_augmented
+from detcon.evaluation import linear_augmented, voc
+from detcon.evaluation import options as options_lib
 from detcon.evaluation import segmentation as segmentation_lib
-from detcon.evaluation import voc
+from detcon.weights import torso as torso_lib
 
-PROTOCOLS = ("knn", "linear", "segmentation")
-LINEAR_MODES = ("features", "augmented")
+Options = options_lib.Options
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-    """Everything a probe run needs besides the torso (mirrors the command-line flags)."""
-    source: datasets.Source = datasets.Source()
-    segmentation_directory: str = ""
-    image_size: int = 224
-    batch_size: int = 256
-    knn_k: int = knn_lib.DEFAULT_K
-    knn_temperature: float = knn_lib.DEFAULT_TEMPERATURE
-    linear_mode: str = "features"
-    linear_epochs: int = linear_augmented.DEFAULT_EPOCHS
-    seg_image_size: int = 512
-    seg_label_size: int = 0  # side the labels are scored at (0: seg_image_size); divides it
-    seg_epochs: int = 30
-    seg_batch_size: int = 16
-    seg_learning_rate: float = 1e-3
-    seg_num_classes: int = 0  # 0: 1 + the largest class index in the labels
-    seed: int = 0
+class Protocol:
+    """A probe by name: what data it reads and how it runs on a `Subject`."""
+
+    name: str
+    run: Callable[["Subject", Options], dict[str, Any]]
+    needs_labelled_images: bool  # True: a TFRecord/TFDS source; False: a VOC-layout root
+
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register(name: str, *, needs_labelled_images: bool) -> Callable:
+    """Decorator: makes `run(subject, options) -> metrics` the protocol `name`."""
+
+    def decorate(run: Callable[["Subject", Options], dict[str, Any]]) -> Callable:
+        PROTOCOLS[name] = Protocol(name, run, needs_labelled_images)
+        return run
+
+    return decorate
+
+
+def get(name: str) -> Protocol:
+    """The protocol registered as `name`; the error lists the registered names."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"--protocol={name}: choose from {','.join(PROTOCOLS)}.")
+    return PROTOCOLS[name]
+
+
+class Subject:
+    """The frozen torso under evaluation and its pooled-feature extractor, built once on use."""
+
+    def __init__(self, torso: torso_lib.FrozenTorso):
+        self.torso = torso
+        self._extractor = None
+
+    @property
+    def extractor(self) -> features_lib.Extractor:
+        if self._extractor is None:
+            self._extractor = features_lib.Extractor(self.torso)
+        return self._extractor
 
 
 def per_device_batch(batch_size: int) -> int:
@@ -46,18 +70,25 @@ def per_device_batch(batch_size: int) -> int:
     return max(1, math.ceil(batch_size / jax.local_device_count()))
 
 
-def labelled_features(extractor: features_lib.Extractor, options: Options, train: bool
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def labelled_features(
+    extractor: features_lib.Extractor, options: Options, train: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Pooled centre-crop features [N, C] and labels [N] of the train or evaluation split."""
-    split = datasets.split_name(options.source, train)
-    batches, count = datasets.eval_batches(
-        options.source, split, options.image_size, extractor.num_devices,
-        per_device_batch(options.batch_size))
+    split = labelled.split_name(options.source, train)
+    batches, count = labelled.eval_batches(
+        options.source,
+        split,
+        options.image_size,
+        extractor.num_devices,
+        per_device_batch(options.batch_size),
+    )
     feats, labels = features_lib.extract(extractor, batches, count, description=f"{split} features")
     if len(labels) == 0:
-        raise ValueError(f"{options.source.describe()}: the {split!r} split has no labelled "
-                         "examples (labels 1..N in our TFRecords); kNN and linear probes need "
-                         "them.")
+        raise ValueError(
+            f"{options.source.describe()}: the {split!r} split has no labelled "
+            "examples (labels 1..N in our TFRecords); kNN and linear probes need "
+            "them."
+        )
     return feats, labels
 
 
@@ -70,40 +101,54 @@ def run_knn(extractor: features_lib.Extractor, options: Options) -> dict[str, An
     train_x, train_y = labelled_features(extractor, options, train=True)
     eval_x, eval_y = labelled_features(extractor, options, train=False)
     classes = _num_classes(train_y, eval_y)
-    scores = knn_lib.knn_scores(train_x, train_y, eval_x, classes, options.knn_k,
-                                options.knn_temperature)
+    scores = knn_lib.knn_scores(
+        train_x, train_y, eval_x, classes, options.knn_k, options.knn_temperature
+    )
     result = {"top1": knn_lib.top_k_accuracy(scores, eval_y, 1)}
     if classes >= 5:
         result["top5"] = knn_lib.top_k_accuracy(scores, eval_y, 5)
-    result.update(k=options.knn_k, temperature=options.knn_temperature,
-                  image_size=options.image_size, num_train=len(train_y), num_eval=len(eval_y),
-                  num_classes=classes, features="l2_normalised_global_pool_centre_crop")
+    result.update(
+        k=options.knn_k,
+        temperature=options.knn_temperature,
+        image_size=options.image_size,
+        num_train=len(train_y),
+        num_eval=len(eval_y),
+        num_classes=classes,
+        features="l2_normalised_global_pool_centre_crop",
+    )
     return result
 
 
-def run_linear(extractor: features_lib.Extractor, torso: features_lib.FrozenTorso,
-               options: Options) -> dict[str, Any]:
+def run_linear(
+    extractor: features_lib.Extractor, torso: torso_lib.FrozenTorso, options: Options
+) -> dict[str, Any]:
     """Linear probe top-1/top-5 on the evaluation split, in the chosen mode."""
     if options.linear_mode == "features":
         train_x, train_y = labelled_features(extractor, options, train=True)
         eval_x, eval_y = labelled_features(extractor, options, train=False)
         classes = _num_classes(train_y, eval_y)
-        result = linear_lib.linear_probe(train_x, train_y, eval_x, eval_y, classes,
-                                         seed=options.seed)
-        result.update(mode="features", solver="lbfgs_logistic_regression",
-                      held_out_fraction=linear_lib.HELD_OUT_FRACTION)
+        result = linear_lib.linear_probe(
+            train_x, train_y, eval_x, eval_y, classes, seed=options.seed
+        )
+        result.update(
+            mode="features",
+            solver="lbfgs_logistic_regression",
+            held_out_fraction=linear_lib.HELD_OUT_FRACTION,
+        )
     else:
         eval_x, eval_y = labelled_features(extractor, options, train=False)
-        split = datasets.split_name(options.source, train=True)
-        num_train = datasets.num_examples(options.source, split)
+        split = labelled.split_name(options.source, train=True)
+        num_train = labelled.num_examples(options.source, split)
         per_device = per_device_batch(options.batch_size)
         global_batch = per_device * jax.local_device_count()
         steps = max(1, options.linear_epochs * num_train // global_batch)
-        batches = datasets.augmented_train_batches(
-            options.source, options.image_size, extractor.num_devices, per_device, options.seed)
-        classes = max(_num_classes(eval_y), datasets.num_classes(options.source))
-        head, loss = linear_augmented.train(torso, batches, classes, eval_x.shape[1],
-                                            global_batch, steps)
+        batches = labelled.augmented_train_batches(
+            options.source, options.image_size, extractor.num_devices, per_device, options.seed
+        )
+        classes = max(_num_classes(eval_y), labelled.num_classes(options.source))
+        head, loss = linear_augmented.train(
+            torso, batches, classes, eval_x.shape[1], global_batch, steps
+        )
         scores = linear_augmented.scores(head, eval_x)
         result = {"top1": knn_lib.top_k_accuracy(scores, eval_y, 1), "final_train_loss": loss}
         if classes >= 5:
@@ -113,7 +158,7 @@ def run_linear(extractor: features_lib.Extractor, torso: features_lib.FrozenTors
     return result
 
 
-def run_segmentation(torso: features_lib.FrozenTorso, options: Options) -> dict[str, Any]:
+def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy of a linear head on the frozen stride-32 map."""
     root = options.segmentation_directory or options.source.directory
     if not root:
@@ -121,30 +166,59 @@ def run_segmentation(torso: features_lib.FrozenTorso, options: Options) -> dict[
     train_images, train_labels = voc.load_split(root, "train", options.seg_image_size)
     val_images, val_labels = voc.load_split(root, "val", options.seg_image_size)
     if options.seg_label_size:
-        train_labels, val_labels = (voc.subsample_labels(x, options.seg_label_size)
-                                    for x in (train_labels, val_labels))
+        train_labels, val_labels = (
+            voc.subsample_labels(x, options.seg_label_size) for x in (train_labels, val_labels)
+        )
     classes = options.seg_num_classes or voc.num_classes(train_labels, val_labels)
     extractor = features_lib.Extractor(torso, reduce=None)
     per_device = per_device_batch(options.seg_batch_size)
 
     def maps(images: np.ndarray, split: str) -> np.ndarray:
-        batches = features_lib.device_batches(images, np.arange(len(images)), extractor.num_devices,
-                                              per_device)
+        batches = features_lib.device_batches(
+            images, np.arange(len(images)), extractor.num_devices, per_device
+        )
         total = math.ceil(len(images) / (extractor.num_devices * per_device))
         fmaps, order = features_lib.extract(extractor, batches, total, f"{split} feature maps")
         return fmaps[np.argsort(order)]
 
     head, shift, scale = segmentation_lib.train_head(
-        maps(train_images, "train"), train_labels, classes, epochs=options.seg_epochs,
-        batch_size=options.seg_batch_size, learning_rate=options.seg_learning_rate,
-        seed=options.seed)
-    result = segmentation_lib.evaluate_head(head, shift, scale, maps(val_images, "val"),
-                                            val_labels, classes, options.seg_batch_size)
-    result.update(num_classes=classes, image_size=options.seg_image_size,
-                  label_size=int(val_labels.shape[-1]),
-                  epochs=options.seg_epochs, batch_size=options.seg_batch_size,
-                  learning_rate=options.seg_learning_rate, optimizer="adamw_cosine",
-                  head="1x1_linear_on_standardised_stride32_map_bilinear_upsampled_logits",
-                  ignore_label=segmentation_lib.IGNORE_LABEL, num_train=len(train_labels),
-                  num_eval=len(val_labels))
+        maps(train_images, "train"),
+        train_labels,
+        classes,
+        epochs=options.seg_epochs,
+        batch_size=options.seg_batch_size,
+        learning_rate=options.seg_learning_rate,
+        seed=options.seed,
+    )
+    result = segmentation_lib.evaluate_head(
+        head, shift, scale, maps(val_images, "val"), val_labels, classes, options.seg_batch_size
+    )
+    result.update(
+        num_classes=classes,
+        image_size=options.seg_image_size,
+        label_size=int(val_labels.shape[-1]),
+        epochs=options.seg_epochs,
+        batch_size=options.seg_batch_size,
+        learning_rate=options.seg_learning_rate,
+        optimizer="adamw_cosine",
+        head="1x1_linear_on_standardised_stride32_map_bilinear_upsampled_logits",
+        ignore_label=segmentation_lib.IGNORE_LABEL,
+        num_train=len(train_labels),
+        num_eval=len(val_labels),
+    )
     return result
+
+
+@register("knn", needs_labelled_images=True)
+def _knn(subject: Subject, options: Options) -> dict[str, Any]:
+    return run_knn(subject.extractor, options)
+
+
+@register("linear", needs_labelled_images=True)
+def _linear(subject: Subject, options: Options) -> dict[str, Any]:
+    return run_linear(subject.extractor, subject.torso, options)
+
+
+@register("segmentation", needs_labelled_images=False)
+def _segmentation(subject: Subject, options: Options) -> dict[str, Any]:
+    return run_segmentation(subject.torso, options)

@@ -4,6 +4,7 @@ The logits are bilinearly upsampled to label resolution and trained with cross-e
 ignored. Metrics follow MMSegmentation's IoU metric: per-class IoU from a confusion matrix summed
 over the whole set, mIoU as the mean over classes whose union is non-empty.
 """
+
 from typing import Any, Iterator
 
 import jax
@@ -60,8 +61,9 @@ def standardisation(feature_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.mean(0).astype(np.float32), (1.0 / (flat.std(0) + 1e-6)).astype(np.float32)
 
 
-def head_logits(head: dict, feature_maps: jax.Array, shift: jax.Array, scale: jax.Array
-                ) -> jax.Array:
+def head_logits(
+    head: dict, feature_maps: jax.Array, shift: jax.Array, scale: jax.Array
+) -> jax.Array:
     """1x1 linear classifier on standardised maps [N, h, w, C] -> logits [N, h, w, K]."""
     x = (feature_maps.astype(jnp.float32) - shift) * scale
     return x @ head["w"] + head["b"]
@@ -71,25 +73,36 @@ def _minibatches(num: int, batch_size: int, rng: np.random.Generator) -> Iterato
     """Shuffled index batches of one epoch; the last, partial batch is padded by repetition."""
     order = rng.permutation(num)
     for start in range(0, num, batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         if len(index) < batch_size:  # keeps one compiled shape
             index = np.resize(index, batch_size)
         yield index
 
 
-def train_head(feature_maps: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int,
-               batch_size: int, learning_rate: float, weight_decay: float = 1e-4, seed: int = 0
-               ) -> tuple[dict, np.ndarray, np.ndarray]:
+def train_head(
+    feature_maps: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """(head, shift, scale) trained on maps [N, h, w, C], labels [N, H, W] (AdamW, cosine)."""
     num, _, _, channels = feature_maps.shape
     height, width = labels.shape[1:]
     shift, scale = standardisation(feature_maps)
     batch_size = min(batch_size, num)
     steps = epochs * -(-num // batch_size)
-    optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1)),
-                            weight_decay=weight_decay)
-    head = {"w": jnp.zeros((channels, num_classes), jnp.float32),
-            "b": jnp.zeros((num_classes,), jnp.float32)}
+    optimizer = optax.adamw(
+        optax.cosine_decay_schedule(learning_rate, max(steps, 1)), weight_decay=weight_decay
+    )
+    head = {
+        "w": jnp.zeros((channels, num_classes), jnp.float32),
+        "b": jnp.zeros((num_classes,), jnp.float32),
+    }
     opt_state = optimizer.init(head)
 
     @jax.jit
@@ -97,6 +110,7 @@ def train_head(feature_maps: np.ndarray, labels: np.ndarray, num_classes: int, *
         def loss_fn(h):
             logits = upsample_logits(head_logits(h, maps, shift, scale), height, width)
             return pixel_cross_entropy(logits, batch_labels)
+
         loss, grads = jax.value_and_grad(loss_fn)(head)
         updates, opt_state = optimizer.update(grads, opt_state, head)
         return optax.apply_updates(head, updates), opt_state, loss
@@ -108,8 +122,15 @@ def train_head(feature_maps: np.ndarray, labels: np.ndarray, num_classes: int, *
     return jax.device_get(head), shift, scale
 
 
-def evaluate_head(head: dict, shift: np.ndarray, scale: np.ndarray, feature_maps: np.ndarray,
-                  labels: np.ndarray, num_classes: int, batch_size: int) -> dict[str, Any]:
+def evaluate_head(
+    head: dict,
+    shift: np.ndarray,
+    scale: np.ndarray,
+    feature_maps: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+) -> dict[str, Any]:
     """IoU metrics of the head's argmax on maps [N, h, w, C] against labels [N, H, W]."""
     height, width = labels.shape[1:]
 
@@ -120,10 +141,10 @@ def evaluate_head(head: dict, shift: np.ndarray, scale: np.ndarray, feature_maps
 
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for start in range(0, len(labels), batch_size):
-        maps = feature_maps[start:start + batch_size]
+        maps = feature_maps[start : start + batch_size]
         count = len(maps)
         if count < batch_size:
             maps = np.concatenate([maps, np.repeat(maps[-1:], batch_size - count, 0)])
         predictions = np.asarray(predict(maps))[:count]
-        confusion += confusion_matrix(predictions, labels[start:start + count], num_classes)
+        confusion += confusion_matrix(predictions, labels[start : start + count], num_classes)
     return iou_metrics(confusion)

@@ -8,6 +8,7 @@
 Every image is resized (aspect kept) so its longer side is `image_size`, then padded at the bottom
 and right to `image_size` x `image_size`; padded label pixels are 255, so they count nowhere.
 """
+
 import os
 
 import numpy as np
@@ -24,7 +25,8 @@ def split_ids(root: str, split: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: --dataset_directory must be a PASCAL VOC-style root with "
-            "JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/{train,val}.txt.")
+            "JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/{train,val}.txt."
+        )
     with open(path) as f:
         ids = [line.split()[0] for line in f if line.strip()]
     if not ids:
@@ -36,13 +38,16 @@ def read_label(path: str) -> np.ndarray:
     """Class indices [H, W] uint8 of a palette or greyscale PNG (palette PNGs store indices)."""
     with Image.open(path) as image:
         if image.mode not in ("P", "L"):
-            raise ValueError(f"{path}: mode {image.mode!r}; segmentation labels must be palette "
-                             "('P') or index ('L') PNGs holding class indices, not RGB colours.")
+            raise ValueError(
+                f"{path}: mode {image.mode!r}; segmentation labels must be palette "
+                "('P') or index ('L') PNGs holding class indices, not RGB colours."
+            )
         return np.array(image, dtype=np.uint8)
 
 
-def resize_and_pad(image: np.ndarray, label: np.ndarray, image_size: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def resize_and_pad(
+    image: np.ndarray, label: np.ndarray, image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Image [H, W, 3] (bilinear) and label [H, W] (nearest) fitted into [S, S], padding = 255."""
     height, width = label.shape
     scale = image_size / max(height, width)
@@ -71,8 +76,9 @@ def load_split(root: str, split: str, image_size: int) -> tuple[np.ndarray, np.n
             pixels = np.asarray(image.convert("RGB"))
         label = read_label(label_path)
         if label.shape != pixels.shape[:2]:
-            raise ValueError(f"{label_path}: label {label.shape} and image {pixels.shape[:2]} "
-                             "differ in size.")
+            raise ValueError(
+                f"{label_path}: label {label.shape} and image {pixels.shape[:2]} differ in size."
+            )
         image, label = resize_and_pad(pixels, label, image_size)
         images.append(image)
         labels.append(label)

@@ -7,17 +7,15 @@ openselfsup/models/detco.py), whose two defects are not reproduced: its key enco
 initialised from the query encoder (here target_init "copy"), and its local keys are not
 un-shuffled after shuffle BN (here every key output is un-shuffled).
 """
+
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from detcon import losses
-from detcon import moco_model
-from detcon import queues
-from detcon.methods import base
-from detcon.methods import moco
-from detcon.methods import registry
+from detcon.methods import base, moco, registry
+from detcon.models import moco_heads
+from detcon.ops import losses, queues
 
 NUM_STAGES = 4
 LOCAL_QUEUE_KEY_SEED = 2
@@ -29,24 +27,28 @@ class DetCo(moco.MoCoV2):
 
     name = "detco"
     console_metrics = ("detco_loss",)
+    hidden_size_fields = ()  # the heads' hidden layers are as wide as each stage
 
     def __init__(self, config, total_steps: int):
         super().__init__(config, total_steps)
         s = self.settings
         if len(s.stage_weights) != NUM_STAGES:
-            raise ValueError(f"--config.detco.stage_weights={tuple(s.stage_weights)} needs one "
-                             f"weight per stage res2..res5 ({NUM_STAGES}).")
+            raise ValueError(
+                f"--config.detco.stage_weights={tuple(s.stage_weights)} needs one "
+                f"weight per stage res2..res5 ({NUM_STAGES})."
+            )
         if s.patch_size < 32 or s.patch_size % 32:
-            raise ValueError(f"--config.detco.patch_size={s.patch_size} must be a positive "
-                             "multiple of 32 (the ResNet stride), e.g. 64.")
+            raise ValueError(
+                f"--config.detco.patch_size={s.patch_size} must be a positive "
+                "multiple of 32 (the ResNet stride), e.g. 64."
+            )
 
-    def heads(self) -> moco_model.MocoHeads:
-        return moco_model.MocoHeads(0, self.settings.projector_output_size, multi_stage=True)
+    def heads(self) -> moco_heads.MocoHeads:
+        return moco_heads.MocoHeads(0, self.settings.projector_output_size, multi_stage=True)
 
-    def view_inputs(self, keys: jax.Array, batch: base.Batch, view: int
-                    ) -> moco_model.JigsawView:
+    def view_inputs(self, keys: jax.Array, batch: base.Batch, view: int) -> moco_heads.JigsawView:
         images = moco.moco_view(keys, batch[f"view{view + 1}"]).images
-        return moco_model.JigsawView(images, moco_model.jigsaw(images, self.settings.patch_size))
+        return moco_heads.JigsawView(images, moco_heads.jigsaw(images, self.settings.patch_size))
 
     def init_extra(self) -> dict[str, jax.Array]:
         size, dim = self.settings.queue_size, self.settings.projector_output_size
@@ -55,40 +57,64 @@ class DetCo(moco.MoCoV2):
             keys = jax.random.split(jax.random.PRNGKey(seed), NUM_STAGES)
             return jnp.stack([queues.init_queue(k, size, dim) for k in keys])
 
-        return dict(global_queues=stacked(moco.QUEUE_KEY_SEED),
-                    local_queues=stacked(LOCAL_QUEUE_KEY_SEED),
-                    queue_pointer=jnp.zeros((), jnp.int32))
+        return dict(
+            global_queues=stacked(moco.QUEUE_KEY_SEED),
+            local_queues=stacked(LOCAL_QUEUE_KEY_SEED),
+            queue_pointer=jnp.zeros((), jnp.int32),
+        )
 
-    def loss(self, online: Sequence[moco_model.MocoOutputs],
-             target: Optional[Sequence[moco_model.MocoOutputs]], views: Sequence[Any],
-             extra: Any, axis_name: Optional[str]) -> tuple[jax.Array, base.Metrics]:
+    def loss(
+        self,
+        online: Sequence[moco_heads.MocoOutputs],
+        target: Optional[Sequence[moco_heads.MocoOutputs]],
+        views: Sequence[Any],
+        extra: Any,
+        axis_name: Optional[str],
+    ) -> tuple[jax.Array, base.Metrics]:
         q, k = online[0], target[0]
         stage_first = lambda x: jnp.swapaxes(x, 0, 1)  # [B, 4, D] -> [4, B, D]
         loss = losses.detco_loss(
-            stage_first(q.projection), stage_first(q.local), stage_first(k.projection),
-            stage_first(k.local), extra["global_queues"], extra["local_queues"],
+            stage_first(q.projection),
+            stage_first(q.local),
+            stage_first(k.projection),
+            stage_first(k.local),
+            extra["global_queues"],
+            extra["local_queues"],
             jnp.asarray(self.settings.stage_weights, jnp.float32),
-            temperature=self.settings.temperature)
-        return loss, dict(detco_loss=loss, projection_std=base.feature_std(q.projection[:, -1]),
-                          local_std=base.feature_std(q.local[:, -1]))
+            temperature=self.settings.temperature,
+        )
+        return loss, dict(
+            detco_loss=loss,
+            projection_std=base.feature_std(q.projection[:, -1]),
+            local_std=base.feature_std(q.local[:, -1]),
+        )
 
-    def update_extra(self, extra: Any, online: Sequence[moco_model.MocoOutputs],
-                     target: Optional[Sequence[moco_model.MocoOutputs]], step_key: jax.Array,
-                     axis_name: Optional[str]) -> dict[str, jax.Array]:
+    def update_extra(
+        self,
+        extra: Any,
+        online: Sequence[moco_heads.MocoOutputs],
+        target: Optional[Sequence[moco_heads.MocoOutputs]],
+        step_key: jax.Array,
+        axis_name: Optional[str],
+    ) -> dict[str, jax.Array]:
         pointer = extra["queue_pointer"]
-        global_keys = [queues.gather_keys(losses.l2_normalize(x.astype(jnp.float32)), axis_name)
-                       for x in (target[0].projection, target[0].local)]  # [B, 4, D] each
+        global_keys = [
+            queues.gather_keys(losses.l2_normalize(x.astype(jnp.float32)), axis_name)
+            for x in (target[0].projection, target[0].local)
+        ]  # [B, 4, D] each
         # One write per stage at the shared pointer.
         push = jax.vmap(queues.enqueue, in_axes=(0, None, 1))
-        return dict(global_queues=push(extra["global_queues"], pointer, global_keys[0]),
-                    local_queues=push(extra["local_queues"], pointer, global_keys[1]),
-                    queue_pointer=queues.advance(pointer, global_keys[0].shape[0],
-                                                 self.settings.queue_size))
+        return dict(
+            global_queues=push(extra["global_queues"], pointer, global_keys[0]),
+            local_queues=push(extra["local_queues"], pointer, global_keys[1]),
+            queue_pointer=queues.advance(
+                pointer, global_keys[0].shape[0], self.settings.queue_size
+            ),
+        )
 
     def flops_per_image(self, torso_forward_flops: float) -> float:
         """MoCo's 3 + 1 forward-equivalents on the image and on its nine patches, whose torso
         cost scales with their pixel count (9 P^2 / S^2 of the image's)."""
         size = self.config.data.image_size
-        patches = moco_model.NUM_PATCHES * self.settings.patch_size ** 2 / size ** 2
+        patches = moco_heads.NUM_PATCHES * self.settings.patch_size**2 / size**2
         return super().flops_per_image(torso_forward_flops) * (1.0 + patches)
-

@@ -9,24 +9,21 @@ online network (target_init "copy", so k_0 = q_0 = m q_0 + (1 - m) q_0) and a co
 recursions give every step's key encoder the same parameters.
 
 BatchNorm. MoCo's query encoder normalises with per-device statistics and its key encoder with
-shuffle BN (detcon.shuffle_bn); both can be switched to cross-replica statistics in the config.
+shuffle BN (detcon.ops.shuffle_bn); both can be switched to cross-replica statistics in the config.
 Per-device BatchNorm averages are averaged over devices after each step, so every device holds
 the same state (what is checkpointed); this changes no training forward pass.
 """
+
 from typing import Any, Optional, Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from detcon import augment
-from detcon import losses
-from detcon import moco_model
-from detcon import queues
-from detcon import shuffle_bn
-from detcon import model as model_lib
-from detcon.methods import base
-from detcon.methods import registry
+from detcon.methods import base, registry
+from detcon.models import heads as model_lib
+from detcon.models import moco_heads
+from detcon.ops import augment, losses, queues, shuffle_bn
 
 QUERY_BATCH_NORM = ("per_device", "cross_replica")
 KEY_BATCH_NORM = ("shuffle", "cross_replica")
@@ -45,36 +42,45 @@ class MoCoV2(base.Method):
 
     name = "moco_v2"
     needs_masks = False
+    hidden_size_fields = ("projector_hidden_size",)
+    output_size_fields = ("projector_output_size",)
     has_target = True
-    target_init = "copy"   # MoCo's builder copies the query encoder into the key encoder
+    target_init = "copy"  # MoCo's builder copies the query encoder into the key encoder
     console_metrics = ("moco_loss",)
-    online_views = (0,)    # the query image
-    target_views = (1,)    # the key image
+    online_views = (0,)  # the query image
+    target_views = (1,)  # the key image
 
     def __init__(self, config, total_steps: int):
         super().__init__(config, total_steps)
         s = self.settings
         if s.query_batch_norm not in QUERY_BATCH_NORM:
-            raise ValueError(f"--config.{self.name}.query_batch_norm={s.query_batch_norm!r}: "
-                             f"choose one of {QUERY_BATCH_NORM}.")
+            raise ValueError(
+                f"--config.{self.name}.query_batch_norm={s.query_batch_norm!r}: "
+                f"choose one of {QUERY_BATCH_NORM}."
+            )
         if s.key_batch_norm not in KEY_BATCH_NORM:
-            raise ValueError(f"--config.{self.name}.key_batch_norm={s.key_batch_norm!r}: "
-                             f"choose one of {KEY_BATCH_NORM}.")
+            raise ValueError(
+                f"--config.{self.name}.key_batch_norm={s.key_batch_norm!r}: "
+                f"choose one of {KEY_BATCH_NORM}."
+            )
         if not 0.0 <= s.momentum <= 1.0:
             raise ValueError(f"--config.{self.name}.momentum={s.momentum} must be in [0, 1].")
-        queues.check_queue_size(s.queue_size, config.training.batch_size,
-                                f"--config.{self.name}.queue_size")
+        queues.check_queue_size(
+            s.queue_size, config.training.batch_size, f"--config.{self.name}.queue_size"
+        )
 
     # ---------------------------------------------------------------------------------- networks
 
-    def heads(self) -> moco_model.MocoHeads:
+    def heads(self) -> moco_heads.MocoHeads:
         """MoCo v2's global MLP head (no BatchNorm)."""
-        return moco_model.MocoHeads(self.settings.projector_hidden_size,
-                                    self.settings.projector_output_size)
+        return moco_heads.MocoHeads(
+            self.settings.projector_hidden_size, self.settings.projector_output_size
+        )
 
     def _network(self, cross_replica: bool, axis_name: Optional[str]) -> hk.TransformedWithState:
-        return moco_model.make_network(self.config.model, self.heads(),
-                                       axis_name if cross_replica else None)
+        return moco_heads.make_network(
+            self.config.model, self.heads(), axis_name if cross_replica else None
+        )
 
     def make_network(self, axis_name: Optional[str]) -> hk.TransformedWithState:
         return self._network(self.settings.query_batch_norm == "cross_replica", axis_name)
@@ -87,24 +93,37 @@ class MoCoV2(base.Method):
             return state
         return base.mean_over_devices(state, axis_name)
 
-    def target_forward(self, network: hk.TransformedWithState, params: hk.Params,
-                       state: hk.State, views: Sequence[Any], step_key: jax.Array,
-                       axis_name: Optional[str]) -> base.Forward:
+    def target_forward(
+        self,
+        network: hk.TransformedWithState,
+        params: hk.Params,
+        state: hk.State,
+        views: Sequence[Any],
+        step_key: jax.Array,
+        axis_name: Optional[str],
+    ) -> base.Forward:
         """The key encoder on the key view, under shuffle BN or cross-replica BN."""
         del network  # the key encoder's BatchNorm differs from the query encoder's
         (view,) = views
         if self.settings.key_batch_norm == "cross_replica" or axis_name is None:
             key_network = self._network(True, axis_name)
-            out, state = key_network.apply(params, state, None, view, is_training=True,
-                                           online=False)
+            out, state = key_network.apply(
+                params, state, None, view, is_training=True, online=False
+            )
             return base.Forward((out,), state)
         key_network = self._network(False, axis_name)
         perm = shuffle_bn.permutation(step_key, view.images.shape[0], axis_name)
-        out, state = key_network.apply(params, state, None,
-                                       shuffle_bn.shuffle(view, perm, axis_name),
-                                       is_training=True, online=False)
-        return base.Forward((shuffle_bn.unshuffle(out, perm, axis_name),),
-                            base.mean_over_devices(state, axis_name))
+        out, state = key_network.apply(
+            params,
+            state,
+            None,
+            shuffle_bn.shuffle(view, perm, axis_name),
+            is_training=True,
+            online=False,
+        )
+        return base.Forward(
+            (shuffle_bn.unshuffle(out, perm, axis_name),), base.mean_over_devices(state, axis_name)
+        )
 
     def target_decay(self, step: jax.Array) -> jax.Array:
         """MoCo's constant momentum (0.999)."""
@@ -114,23 +133,41 @@ class MoCoV2(base.Method):
     # ------------------------------------------------------------------------------ queue, loss
 
     def init_extra(self) -> dict[str, jax.Array]:
-        return dict(queue=queues.init_queue(jax.random.PRNGKey(QUEUE_KEY_SEED),
-                                            self.settings.queue_size,
-                                            self.settings.projector_output_size),
-                    queue_pointer=jnp.zeros((), jnp.int32))
+        return dict(
+            queue=queues.init_queue(
+                jax.random.PRNGKey(QUEUE_KEY_SEED),
+                self.settings.queue_size,
+                self.settings.projector_output_size,
+            ),
+            queue_pointer=jnp.zeros((), jnp.int32),
+        )
 
-    def loss(self, online: Sequence[moco_model.MocoOutputs],
-             target: Optional[Sequence[moco_model.MocoOutputs]], views: Sequence[Any],
-             extra: Any, axis_name: Optional[str]) -> tuple[jax.Array, base.Metrics]:
+    def loss(
+        self,
+        online: Sequence[moco_heads.MocoOutputs],
+        target: Optional[Sequence[moco_heads.MocoOutputs]],
+        views: Sequence[Any],
+        extra: Any,
+        axis_name: Optional[str],
+    ) -> tuple[jax.Array, base.Metrics]:
         q, k = online[0].projection, target[0].projection
         loss = losses.moco_loss(q, k, extra["queue"], temperature=self.settings.temperature)
         return loss, dict(moco_loss=loss, projection_std=base.feature_std(q))
 
-    def update_extra(self, extra: Any, online: Sequence[moco_model.MocoOutputs],
-                     target: Optional[Sequence[moco_model.MocoOutputs]], step_key: jax.Array,
-                     axis_name: Optional[str]) -> dict[str, jax.Array]:
-        keys = queues.gather_keys(losses.l2_normalize(target[0].projection.astype(jnp.float32)),
-                                  axis_name)
+    def update_extra(
+        self,
+        extra: Any,
+        online: Sequence[moco_heads.MocoOutputs],
+        target: Optional[Sequence[moco_heads.MocoOutputs]],
+        step_key: jax.Array,
+        axis_name: Optional[str],
+    ) -> dict[str, jax.Array]:
+        keys = queues.gather_keys(
+            losses.l2_normalize(target[0].projection.astype(jnp.float32)), axis_name
+        )
         pointer = extra["queue_pointer"]
-        return dict(extra, queue=queues.enqueue(extra["queue"], pointer, keys),
-                    queue_pointer=queues.advance(pointer, keys.shape[0], self.settings.queue_size))
+        return dict(
+            extra,
+            queue=queues.enqueue(extra["queue"], pointer, keys),
+            queue_pointer=queues.advance(pointer, keys.shape[0], self.settings.queue_size),
+        )

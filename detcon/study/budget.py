@@ -21,16 +21,17 @@ target EMA or momentum, augmentations and loss weights. The budget sets, the sam
   steps, longer than a few-hundred-step run, so its key encoder would stay near its random init;
 - DetCo's jigsaw cell at 32 px, the smallest that still gives a stride-32 torso one position.
 """
+
 import dataclasses
 import importlib
 
 import ml_collections
 
-from detcon import networks
+from detcon import methods as methods_lib
+from detcon.models import networks
 
 # The recipes' head widths are for ResNet-50, whose torso ends with 2048 channels.
 _RECIPE_FEATURE_WIDTH = 2048
-_HIDDEN_FIELDS = ("projector_hidden_size", "predictor_hidden_size", "dense_hidden_size")
 _MIN_PATCH_SIZE = 32  # a stride-32 torso needs a 32 px cell for one output position
 LR_BATCH_SCALINGS = ("recipe", "none", "sqrt", "linear")
 
@@ -38,12 +39,13 @@ LR_BATCH_SCALINGS = ("recipe", "none", "sqrt", "linear")
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """The settings every method of the study shares."""
+
     steps: int = 100
     batch_size: int = 32
     depth: int = 10
     image_size: int = 64
     warmup_fraction: float = 0.05
-    queue_batches: int = 16   # MoCo-family queue = queue_batches x batch_size
+    queue_batches: int = 16  # MoCo-family queue = queue_batches x batch_size
     # peak = base x: recipe batch/256 'recipe', 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
     lr_batch_scaling: str = "recipe"
     target_horizon: float = 0.0  # > 0: cap 1 / (1 - EMA or momentum) at this fraction of steps
@@ -51,20 +53,29 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.queue_batches < 1:
-            raise ValueError(f"--steps={self.steps}, --batch_size={self.batch_size} and "
-                             f"--queue_batches={self.queue_batches} must be >= 1.")
+            raise ValueError(
+                f"--steps={self.steps}, --batch_size={self.batch_size} and "
+                f"--queue_batches={self.queue_batches} must be >= 1."
+            )
         if self.depth not in networks.RESNET_DEPTHS:
-            raise ValueError(f"--depth={self.depth}: choose one of "
-                             f"{sorted(networks.RESNET_DEPTHS)}.")
+            raise ValueError(
+                f"--depth={self.depth}: choose one of {sorted(networks.RESNET_DEPTHS)}."
+            )
         if self.image_size < 32 or self.image_size % 32:
-            raise ValueError(f"--image_size={self.image_size} must be a positive multiple of 32 "
-                             "(the torso's stride).")
+            raise ValueError(
+                f"--image_size={self.image_size} must be a positive multiple of 32 "
+                "(the torso's stride)."
+            )
         if self.lr_batch_scaling not in LR_BATCH_SCALINGS:
-            raise ValueError(f"--lr_batch_scaling={self.lr_batch_scaling!r}: choose one of "
-                             f"{', '.join(LR_BATCH_SCALINGS)}.")
+            raise ValueError(
+                f"--lr_batch_scaling={self.lr_batch_scaling!r}: choose one of "
+                f"{', '.join(LR_BATCH_SCALINGS)}."
+            )
         if self.target_horizon < 0:
-            raise ValueError(f"--target_horizon={self.target_horizon} must be >= 0 (0: the "
-                             "recipes' EMA and momentum).")
+            raise ValueError(
+                f"--target_horizon={self.target_horizon} must be >= 0 (0: the "
+                "recipes' EMA and momentum)."
+            )
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"--warmup_fraction={self.warmup_fraction} must be in [0, 1).")
 
@@ -77,8 +88,12 @@ def head_scale(depth: int) -> float:
 def base_rate_factor(lr_batch_scaling: str, batch_size: int, recipe_batch_size: int) -> float:
     """Factor on the recipe's base rate so that its B/256 schedule gives the chosen peak."""
     ratio = 256.0 / batch_size
-    return {"recipe": recipe_batch_size / batch_size, "none": ratio, "sqrt": ratio ** 0.5,
-            "linear": 1.0}[lr_batch_scaling]
+    return {
+        "recipe": recipe_batch_size / batch_size,
+        "none": ratio,
+        "sqrt": ratio**0.5,
+        "linear": 1.0,
+    }[lr_batch_scaling]
 
 
 def capped_decay(decay: float, steps: int, horizon: float) -> float:
@@ -88,19 +103,21 @@ def capped_decay(decay: float, steps: int, horizon: float) -> float:
     return min(decay, max(0.0, 1.0 - 1.0 / (horizon * steps)))
 
 
-def method_config(method: str, budget: Budget, dataset_directory: str, num_classes: int
-                  ) -> ml_collections.ConfigDict:
+def method_config(
+    method: str, budget: Budget, dataset_directory: str, num_classes: int
+) -> ml_collections.ConfigDict:
     """configs/<method>.py under `budget`, reading the pretraining TFRecords of a directory."""
     c = importlib.import_module(f"configs.{method}").get_config()
     settings = c[method]
     scale = head_scale(budget.depth)
-    for field in _HIDDEN_FIELDS:
-        if field in settings:
-            settings[field] = max(1, round(settings[field] * scale))
-    if "queue_size" in settings:
-        settings["queue_size"] = budget.queue_batches * budget.batch_size
-    if "patch_size" in settings:
-        settings["patch_size"] = _MIN_PATCH_SIZE
+    methods_lib.get(method).resize(
+        settings,
+        methods_lib.HeadSizes(
+            hidden=lambda width: round(width * scale),
+            queue_size=budget.queue_batches * budget.batch_size,
+            patch_size=_MIN_PATCH_SIZE,
+        ),
+    )
     for field in ("base_ema", "momentum"):
         if field in settings:
             settings[field] = capped_decay(settings[field], budget.steps, budget.target_horizon)
@@ -108,10 +125,11 @@ def method_config(method: str, budget: Budget, dataset_directory: str, num_class
     c.model.num_classes = num_classes  # the online probe only; it never reaches the torso
     c.data.dataset_directory = dataset_directory
     c.data.image_size = budget.image_size
-    c.data.num_train_examples = -1     # counted from the records
+    c.data.num_train_examples = -1  # counted from the records
     c.data.seed = budget.seed
-    c.optim.base_learning_rate *= base_rate_factor(budget.lr_batch_scaling, budget.batch_size,
-                                                   c.training.batch_size)
+    c.optim.base_learning_rate *= base_rate_factor(
+        budget.lr_batch_scaling, budget.batch_size, c.training.batch_size
+    )
     c.optim.warmup_rule = "fraction"
     c.optim.warmup_fraction = budget.warmup_fraction
     c.training.batch_size = budget.batch_size

@@ -1,0 +1,282 @@
+"""Objectives as pure `jnp` functions: DetCon-B/S, BYOL, SimCLR, MoCo v2, DenseCL, DetCo, probe."""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+# Subtracted from logits that must leave the softmax; finite (unlike -inf) so that gradients
+# and fully masked rows stay NaN-free.
+_LARGE_NUM = 1e9
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, epsilon: float = 1e-12) -> jax.Array:
+    """x / max(||x||, sqrt(epsilon)) along `axis`, same shape as x (a zero vector stays zero)."""
+    squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, epsilon))
+
+
+def _view_loss(
+    pred: jax.Array,
+    pind: jax.Array,
+    cross_target: jax.Array,
+    cross_tind: jax.Array,
+    same_target: jax.Array,
+    same_tind: jax.Array,
+    same_image: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """Weighted NCE for one view: pred [B, R, D] vs targets [B', R, D] -> scalar mean over B*R.
+
+    `same_image` [B, B'] marks the candidate image that is each prediction's own image.
+    """
+    batch, num_rois = pind.shape
+    valid_pred = pind >= 0
+    # [B, R, B', R]: same image and same object id.
+    same_cross = same_image[:, None, :, None] & (pind[:, :, None, None] == cross_tind[None, None])
+    same_same = same_image[:, None, :, None] & (pind[:, :, None, None] == same_tind[None, None])
+
+    logits_cross = jnp.einsum("brd,ksd->brks", pred, cross_target) / temperature
+    logits_same = jnp.einsum("brd,ksd->brks", pred, same_target) / temperature
+    # The same object seen by the same view is neither positive nor negative; targets of
+    # padding rois (negative id, see detcon.ops.masks.NO_MASK_ID) are not candidates at all.
+    logits_cross = logits_cross - _LARGE_NUM * (cross_tind < 0)[None, None].astype(pred.dtype)
+    logits_same = logits_same - _LARGE_NUM * (same_same | (same_tind < 0)[None, None]).astype(
+        pred.dtype
+    )
+    logits = jnp.concatenate(
+        [logits_cross.reshape(batch, num_rois, -1), logits_same.reshape(batch, num_rois, -1)],
+        axis=-1,
+    )
+
+    positives = (same_cross & valid_pred[:, :, None, None]).astype(pred.dtype)
+    positives = positives.reshape(batch, num_rois, -1)
+    num_positives = jnp.sum(positives, axis=-1)
+    labels = positives / jnp.maximum(num_positives, 1.0)[..., None]
+    labels = jnp.concatenate([labels, jnp.zeros_like(labels)], axis=-1)
+    cross_entropy = -jnp.sum(labels * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+    # Each object counts once per image however often it was sampled.
+    times_sampled = jnp.sum(pind[:, :, None] == pind[:, None, :], axis=-1).astype(pred.dtype)
+    weights = (num_positives > 0).astype(pred.dtype) / times_sampled
+    return jnp.sum(weights * cross_entropy) / (batch * num_rois)
+
+
+def detcon_b_loss(
+    pred1: jax.Array,
+    pred2: jax.Array,
+    target1: jax.Array,
+    target2: jax.Array,
+    pind1: jax.Array,
+    pind2: jax.Array,
+    tind1: jax.Array,
+    tind2: jax.Array,
+    *,
+    temperature: float = 0.1,
+    axis_name: Optional[str] = None,
+) -> jax.Array:
+    """DetCon-B contrastive detection loss (Eq. 3), a scalar; preds/targets [B, R, D], ids [B, R].
+
+    Prediction (image b, roi r) of view 1 is scored against every target of both views
+    (of every device's images when `axis_name` is given, via all_gather); its positives are
+    view-2 targets of image b with the same id, same-view targets of image b with the same id
+    are dropped, everything else is a negative. Cross-entropy against the uniform distribution
+    over positives, weighted by 1 / (times the id was sampled in that image and view), zero
+    without a positive; mean over B*R; plus the symmetric view-2 term. Under pmap the mean of
+    per-device losses equals the loss of the whole global batch. Rois with a negative id are
+    padding: no loss and not candidates. Callers stop gradients into targets themselves.
+    """
+    batch = pred1.shape[0]
+    # float32 whatever the model's compute dtype: a softmax over 2*B'*R candidates with 1e9
+    # offsets is not safe in bfloat16.
+    pred1, pred2, target1, target2 = (
+        l2_normalize(x.astype(jnp.float32)) for x in (pred1, pred2, target1, target2)
+    )
+
+    if axis_name is not None:
+        target1, target2, tind1, tind2 = jax.lax.all_gather(
+            (target1, target2, tind1, tind2), axis_name, tiled=True
+        )
+        offset = jax.lax.axis_index(axis_name) * batch
+    else:
+        offset = 0
+    candidate_images = jnp.arange(target1.shape[0])
+    same_image = (jnp.arange(batch) + offset)[:, None] == candidate_images[None, :]
+
+    loss_1 = _view_loss(pred1, pind1, target2, tind2, target1, tind1, same_image, temperature)
+    loss_2 = _view_loss(pred2, pind2, target1, tind1, target2, tind2, same_image, temperature)
+    return loss_1 + loss_2
+
+
+def detcon_s_loss(
+    proj1: jax.Array,
+    proj2: jax.Array,
+    ids1: jax.Array,
+    ids2: jax.Array,
+    *,
+    temperature: float = 0.1,
+    axis_name: Optional[str] = None,
+) -> jax.Array:
+    """DetCon-S loss, a scalar: DetCon-B's NCE with the projections [B, R, D] (ids [B, R]) as both
+    predictions and targets, gradients flowing through every term.
+
+    The released DetCon code ships DetCon-B only; the paper's DetCon-S is this objective on the
+    SimCLR side (no predictor, no target network). A roi's own projection in its own view, and
+    any resampling of the same id, is masked out of the candidates, as SimCLR masks self-pairs.
+    """
+    return detcon_b_loss(
+        proj1,
+        proj2,
+        proj1,
+        proj2,
+        ids1,
+        ids2,
+        ids1,
+        ids2,
+        temperature=temperature,
+        axis_name=axis_name,
+    )
+
+
+def simclr_loss(
+    z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1, axis_name: Optional[str] = None
+) -> jax.Array:
+    """SimCLR NT-Xent, a scalar: mean over B of CE(view 1 row) + mean of CE(view 2 row); z [B, D].
+
+    Candidates of a row are both views of every image (of every device under `axis_name`)
+    except itself; its positive is the other view of its own image. Under pmap the mean of
+    per-device losses equals the loss of the whole global batch.
+    """
+    # One roi per image with a shared id is exactly SimCLR's [logits_ab, logits_aa] layout:
+    # the same-view self-pair is masked, the other view of the same image is the positive.
+    ids = jnp.zeros((z1.shape[0], 1), jnp.int32)
+    return detcon_s_loss(
+        z1[:, None], z2[:, None], ids, ids, temperature=temperature, axis_name=axis_name
+    )
+
+
+def byol_loss(
+    pred1: jax.Array, pred2: jax.Array, target1: jax.Array, target2: jax.Array
+) -> jax.Array:
+    """BYOL regression loss, a scalar: mean over B of |p1^ - t2^|^2 + |p2^ - t1^|^2; inputs [B, D].
+
+    With unit vectors (^) each term is 2 - 2 cos. Callers stop gradients into targets.
+    """
+    pred1, pred2, target1, target2 = (
+        l2_normalize(x.astype(jnp.float32)) for x in (pred1, pred2, target1, target2)
+    )
+    per_image = jnp.sum(jnp.square(pred1 - target2), axis=-1) + jnp.sum(
+        jnp.square(pred2 - target1), axis=-1
+    )
+    return jnp.mean(per_image)
+
+
+def _queue_info_nce(
+    queries: jax.Array, keys: jax.Array, queue: jax.Array, temperature: float
+) -> jax.Array:
+    """Mean over N of CE(label 0) of [q.k, q.queue] / T; unit queries, keys [N, D], queue [K, D]."""
+    positive = jnp.sum(queries * keys, axis=-1, keepdims=True)
+    negatives = queries @ queue.T
+    logits = jnp.concatenate([positive, negatives], axis=-1) / temperature
+    return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
+
+
+def moco_loss(q: jax.Array, k: jax.Array, queue: jax.Array, *, temperature: float) -> jax.Array:
+    """MoCo InfoNCE, a scalar: q [B, D] against its key k [B, D] and the queue [K, D] of negatives.
+
+    q and k are L2-normalised here; the queue is used as stored (keys enter it normalised).
+    Callers stop gradients into k and the queue.
+    """
+    q, k = (l2_normalize(x.astype(jnp.float32)) for x in (q, k))
+    return _queue_info_nce(q, k, queue.astype(jnp.float32), temperature)
+
+
+def densecl_matches(q_backbone: jax.Array, k_backbone: jax.Array) -> jax.Array:
+    """Index [B, S] of the key cell most cosine-similar to each query cell; features [B, S, C]."""
+    q_backbone, k_backbone = (l2_normalize(x.astype(jnp.float32)) for x in (q_backbone, k_backbone))
+    similarity = jnp.einsum("bsc,btc->bst", q_backbone, k_backbone)
+    return jnp.argmax(similarity, axis=-1)
+
+
+def densecl_loss(
+    q: jax.Array,
+    k: jax.Array,
+    queue: jax.Array,
+    q_dense: jax.Array,
+    k_dense: jax.Array,
+    q_backbone: jax.Array,
+    k_backbone: jax.Array,
+    dense_queue: jax.Array,
+    *,
+    temperature: float = 0.2,
+    dense_weight: float = 0.5,
+) -> jax.Array:
+    """DenseCL loss, a scalar: (1 - w) * MoCo(q, k, queue) + w * dense InfoNCE over B*S cells.
+
+    q, k [B, D]; q_dense, k_dense [B, S, D]; q_backbone, k_backbone [B, S, C]; queues [K, D].
+    Each query cell's positive is the key-view dense projection at the cell whose backbone
+    feature is most cosine-similar; its negatives are dense_queue (pooled dense keys).
+    Callers stop gradients into the key side and the queues.
+    """
+    global_loss = moco_loss(q, k, queue, temperature=temperature)
+    matches = densecl_matches(q_backbone, k_backbone)
+    q_dense, k_dense = (l2_normalize(x.astype(jnp.float32)) for x in (q_dense, k_dense))
+    matched_keys = jnp.take_along_axis(k_dense, matches[..., None], axis=1)
+    dim = q_dense.shape[-1]
+    dense_loss = _queue_info_nce(
+        q_dense.reshape(-1, dim),
+        matched_keys.reshape(-1, dim),
+        dense_queue.astype(jnp.float32),
+        temperature,
+    )
+    return (1.0 - dense_weight) * global_loss + dense_weight * dense_loss
+
+
+def detco_loss(
+    q_global: jax.Array,
+    q_local: jax.Array,
+    k_global: jax.Array,
+    k_local: jax.Array,
+    global_queues: jax.Array,
+    local_queues: jax.Array,
+    stage_weights: jax.Array,
+    *,
+    temperature: float = 0.2,
+) -> jax.Array:
+    """DetCo loss, a scalar: sum over stages of w_s * mean(MoCo g-g, l-g, l-l); features [S, B, D].
+
+    Per stage s: global query vs global key (global queue), local query vs global key
+    (global queue), local query vs local key (local queue); queues [S, K, D], weights [S].
+    A local feature is the 9 patch features of a view jointly projected to one vector.
+    """
+    q_global, q_local, k_global, k_local = (
+        l2_normalize(x.astype(jnp.float32)) for x in (q_global, q_local, k_global, k_local)
+    )
+    global_queues, local_queues = (x.astype(jnp.float32) for x in (global_queues, local_queues))
+
+    def stage_loss(qg, ql, kg, kl, queue_g, queue_l):
+        return (
+            _queue_info_nce(qg, kg, queue_g, temperature)
+            + _queue_info_nce(ql, kg, queue_g, temperature)
+            + _queue_info_nce(ql, kl, queue_l, temperature)
+        ) / 3.0
+
+    per_stage = jax.vmap(stage_loss)(
+        q_global, q_local, k_global, k_local, global_queues, local_queues
+    )
+    return jnp.sum(jnp.asarray(stage_weights, jnp.float32) * per_stage)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(softmax cross-entropy, top-1 accuracy) over labelled rows of logits [N, K], labels [N].
+
+    Label -1 marks an unlabelled example; both values are 0 when nothing is labelled.
+    """
+    labelled = labels >= 0
+    safe_labels = jnp.where(labelled, labels, 0).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, axis=-1) == safe_labels).astype(log_probs.dtype)
+    weight = labelled.astype(log_probs.dtype)
+    count = jnp.maximum(jnp.sum(weight), 1.0)
+    return jnp.sum(nll * weight) / count, jnp.sum(correct * weight) / count
