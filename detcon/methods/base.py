@@ -39,6 +39,10 @@ class DataNeeds(NamedTuple):
 
     masks: bool  # batches carry FH masks fh_mask1/fh_mask2 [b, S, S]
     max_mask_id: int = 256  # mask ids per view are renumbered below this; more fold into the last
+    # Region-prior boxes per example (DETReg's top-k selective-search boxes); 0: none. Batches
+    # then carry region_boxes [b, k, 4] (cxcywh, normalised to the unpadded image) and
+    # region_valid [b, k] bool, and pad_mask [b, S, S] bool (True on image pixels).
+    num_regions: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
