@@ -226,3 +226,25 @@ def test_records_without_priors_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--region_priors") as error:
         _batches(directory, 1)
     assert "generate_fh_masks.py" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_training_loop_asks_for_the_methods_regions(dataset, monkeypatch):
+    from detcon import methods
+    from detcon.methods import base
+    from detcon.train import loop
+
+    from conftest import tiny_config
+
+    config = tiny_config(image_size=_S)
+    method = methods.get(config.method)
+    monkeypatch.setattr(
+        method, "data_needs", classmethod(lambda cls, c: base.DataNeeds(False, num_regions=_K))
+    )
+    batch = next(loop.real_batches(config, dataset, 0, 2, 3))
+    assert batch["region_boxes"].shape == (2, 3, _K, 4) and batch["pad_mask"].shape == (
+        2,
+        3,
+        _S,
+        _S,
+    )
+    np.testing.assert_array_equal(batch["index"], np.arange(6).reshape(2, 3))
