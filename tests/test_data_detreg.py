@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from detcon import errors
 from detcon.data import detreg_views, image_codec, pipeline, schema, shards
 from detcon.data.build import fh_records
 from detcon.data.build import region_priors as rp
@@ -223,7 +224,7 @@ def test_a_box_stays_on_its_pixels_through_flip_resize_and_crop():
 
 def test_records_without_priors_are_a_clear_error(tmp_path):
     directory = _write(str(tmp_path / "plain"), with_priors=False)
-    with pytest.raises(ValueError, match="--region_priors") as error:
+    with pytest.raises(errors.DatasetMismatchError, match="--region_priors") as error:
         _batches(directory, 1)
     assert "generate_fh_masks.py" in str(error.value) and "\n" not in str(error.value)
 

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from detcon import errors
 from detcon.data import pipeline, shards
 from detcon.data.build import mask_job, scene_render, scenes, voc
 
@@ -424,7 +425,7 @@ def test_region_priors_reach_the_detreg_pipeline(tmp_path):
         dataclasses.replace(spec, region_priors=False), str(tmp_path / "plain")
     )
     plain = os.path.join(plain_root, "pretrain")
-    with pytest.raises(ValueError, match="--region_priors"):
+    with pytest.raises(errors.DatasetMismatchError, match="--region_priors"):
         pipeline.pretrain_batches(
             plain, image_size=32, local_devices=1, per_device_batch=3, num_regions=30
         )

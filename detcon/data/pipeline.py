@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
+from detcon import errors
 from detcon.data import detreg_views, image_codec, schema, shards, views
 
 list_shards = shards.list_shards  # part of this module's interface (the training loop imports it)
@@ -67,11 +68,12 @@ def _regenerate_hint(dataset_directory: str) -> str:
 
 
 def check_region_priors(paths: list[str], dataset_directory: str) -> None:
-    """Raises ValueError (one line, naming --region_priors) if the first record has none."""
+    """Raises DatasetMismatchError (one line, naming --region_priors) if the first record has
+    none; the trainer prints it without a traceback."""
     for path in paths:
         for serialized in tf.data.TFRecordDataset(path).take(1).as_numpy_iterator():
             if not schema.has_region_priors(serialized):
-                raise ValueError(
+                raise errors.DatasetMismatchError(
                     f"the records in {dataset_directory!r} hold no region priors "
                     f"({schema.REGION_BOXES}), which this method needs; "
                     + _regenerate_hint(dataset_directory)
