@@ -52,7 +52,7 @@ _REGION_PRIORS = flags.DEFINE_boolean(
     "region_priors",
     False,
     "Also store DETReg's region priors: every region of OpenCV-style fast selective search "
-    "(box and hierarchy level), for --config=configs/detreg.py (~0.3 s more per image).",
+    "(box and hierarchy level), for --config=configs/detreg.py (~0.3-0.5 s more per image).",
 )
 _LABELS_FILE = flags.DEFINE_string(
     "labels_file",

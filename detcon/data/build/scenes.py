@@ -17,7 +17,7 @@ Every image is drawn from its own generator seeded by (seed, part, index), so th
 an image and any image can be re-rendered alone.  The directory is built in a staging folder and
 renamed when complete; asking again with the same settings returns it untouched.
 With `region_priors` the pretraining records also hold DETReg's selective-search regions
-(detcon/data/build/region_priors.py; ~0.3 s per image, so off by default).
+(detcon/data/build/region_priors.py; ~0.4 s per image, so off by default).
 """
 
 import dataclasses
