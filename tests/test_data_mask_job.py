@@ -1,5 +1,6 @@
 """Mask generation: odd and broken inputs, FH equal to scikit-image, resume, workers, the CLI."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -13,8 +14,8 @@ from PIL import Image
 from skimage import data as skimage_data
 from skimage.segmentation import felzenszwalb
 
-from detcon.data import schema, shards
-from detcon.data.build import image_folder, mask_job
+from detcon.data import image_codec, schema, shards
+from detcon.data.build import image_folder, mask_job, region_priors
 
 _PARAMS = mask_job.FhParams(scales=(100.0,), min_sizes=(20,))
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -415,3 +416,30 @@ def test_workers_die_with_a_killed_parent():
             break
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), workers
+
+
+def test_region_priors_flag_stores_every_records_regions_and_guards_the_output(generated, tmp_path):
+    inputs, output, expected, _ = generated
+    params = dataclasses.replace(_PARAMS, region_priors=True)
+    priors = str(tmp_path / "priors")
+    _generate(inputs, priors, num_shards=1, params=params)
+    assert shards.read_manifest(priors, "train")["region_priors"] is True
+    paths = shards.list_shards(priors, "train")
+    records = list(tf.data.TFRecordDataset(paths).as_numpy_iterator())
+    assert len(records) == expected["good"]
+    for serialized in records:
+        assert schema.has_region_priors(serialized)
+        parsed = schema.parse_record(tf.constant(serialized), with_regions=True)
+        pixels = image_codec.decode_rgb(parsed["encoded"]).numpy()
+        want = region_priors.selective_search(pixels)
+        np.testing.assert_array_equal(parsed["region_boxes"].numpy(), want.boxes)
+        np.testing.assert_array_equal(parsed["region_levels"].numpy(), want.levels)
+    # The default run wrote none; resuming it with the flag would mix records with and without.
+    assert not any(map(schema.has_region_priors, _read_records_bytes(output)))
+    with pytest.raises(ValueError, match="region_priors"):
+        _generate(inputs, output, params=params)
+
+
+def _read_records_bytes(directory: str) -> list[bytes]:
+    paths = shards.list_shards(directory, "train")
+    return list(tf.data.TFRecordDataset(paths).as_numpy_iterator())

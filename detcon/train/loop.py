@@ -118,6 +118,7 @@ def real_batches(
         deterministic=config.data.deterministic,
         with_masks=needs.masks,
         crop_min_area=config.data.crop_min_area,
+        num_regions=needs.num_regions,
     )
     index = _local_indices(local_devices, per_device)
     for batch in batches:

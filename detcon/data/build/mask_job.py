@@ -35,10 +35,12 @@ EncodeResult = tuple[bytes | None, str]  # (serialized record, "") or (None, rea
 
 @dataclasses.dataclass(frozen=True)
 class FhParams:
-    """FH parameters, one (scale, min_size) pair per stored segmentation."""
+    """FH parameters, one (scale, min_size) pair per stored segmentation; and whether records
+    also get DETReg's region priors (selective search, detcon/data/build/region_priors.py)."""
 
     scales: tuple[float, ...]
     min_sizes: tuple[int, ...]
+    region_priors: bool = False
 
     def __post_init__(self) -> None:
         if not self.scales or len(self.scales) != len(self.min_sizes):
@@ -87,6 +89,7 @@ def encode_file(image: image_folder.ImageFile, params: FhParams) -> EncodeResult
             text=image.text,
             scales=params.scales,
             min_sizes=params.min_sizes,
+            with_region_priors=params.region_priors,
         )
         return record, ""
     except schema.TooManySegmentsError:
@@ -249,6 +252,7 @@ def _manifest(
         "num_shards": num_shards,
         "fh_scales": list(params.scales),
         "fh_min_sizes": list(params.min_sizes),
+        "region_priors": params.region_priors,
         "seed": seed,
     }
 
@@ -263,6 +267,7 @@ def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle)
+        previous.setdefault("region_priors", False)  # written before region priors existed
         # A key an older version did not write is derived from the inputs the digest covers.
         differing = sorted(k for k in manifest if k in previous and previous[k] != manifest[k])
         if differing:
