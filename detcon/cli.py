@@ -51,12 +51,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:
         fail(str(error))
     except (KeyError, AttributeError) as error:
-        # ml_collections raises these (with a did-you-mean hint) for an unknown --config.<field>.
-        cause = (
-            error.__context__ if isinstance(error, AttributeError) and error.__context__ else error
-        )
-        field = str(cause.args[0] if cause.args else cause).strip("\"'")
-        fail(f"a --config.<group>.<field> override names no field of the config: {field}")
+        fail_unknown_field(error)
+
+
+def fail_unknown_field(error: BaseException) -> NoReturn:
+    """One line for ml_collections' KeyError/AttributeError (with a did-you-mean hint) on an
+    unknown --config.<field>."""
+    cause = error.__context__ if isinstance(error, AttributeError) and error.__context__ else error
+    field = str(cause.args[0] if cause.args else cause).strip("\"'")
+    fail(f"a --config.<group>.<field> override names no field of the config: {field}")
+
+
+def config_value(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
+    """The value of a config-file flag; overrides of the default file (no --config given) apply
+    only here, so their unknown-field errors are made one line here too."""
+    try:
+        return holder.value
+    except (KeyError, AttributeError) as error:
+        fail_unknown_field(error)
 
 
 def override_config(
