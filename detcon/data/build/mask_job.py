@@ -306,20 +306,21 @@ def _manifest_locked(output_directory: str, split: str) -> Iterator[dict]:
     """Yields the split's manifest for changes, under an exclusive lock (tasks share it), and
     writes it back atomically."""
     path = manifest_path(output_directory, split)
-    with open(f"{path}.lock", "a") as lock:
+    # The lock is on the directory itself: no lock file is left among the shards.
+    lock = os.open(output_directory, os.O_RDONLY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                manifest = json.load(handle)
-            yield manifest
-            temporary = f"{path}.tmp-{os.getpid()}"
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(manifest, handle, indent=2, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        yield manifest
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def record_shard(
