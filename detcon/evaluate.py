@@ -213,9 +213,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist.")
     names = parse_protocols(FLAGS.protocol)
     document: dict[str, Any] = {}
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, _raise_interrupted)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
+        for number in previous:
+            signal.signal(number, _raise_interrupted)
         _evaluate(names, document)
     except Interrupted as stop:
         finished = [n for n in names if n in document]
@@ -235,6 +236,9 @@ def main(argv: list[str]) -> None:
     except (ValueError, FileNotFoundError, errors.RunStopped) as error:
         # These carry a message meant for the user (a bad checkpoint, a dataset without labels).
         cli.fail(str(error), 1)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _evaluate(names: list[str], document: dict[str, Any]) -> None:

@@ -244,3 +244,23 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     )
     assert sum("reusing" in line for line in logged) == 3
     assert [e["seg_miou"] for e in again["methods"]] == [e["seg_miou"] for e in document["methods"]]
+
+
+def test_a_stop_signal_anywhere_in_the_study_is_preempted_with_a_resume_hint(tmp_path):
+    import signal
+
+    from detcon import errors
+    from detcon.study import stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(errors.Preempted) as stopped:
+        with stop.stop_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. while probing: no trainer handler
+            for _ in range(1000):  # the handler runs between bytecodes, not later
+                pass
+            raise AssertionError("the signal was ignored")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    hint = stop.resume_hint(str(tmp_path), stopped.value)
+    assert hint.startswith("Stopped by SIGTERM. Finished methods are kept in ")
+    assert os.path.join(str(tmp_path), "runs") in hint and hint.endswith("to resume.")
