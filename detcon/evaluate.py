@@ -212,6 +212,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.checkpoint and not os.path.exists(FLAGS.checkpoint):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist.")
     names = parse_protocols(FLAGS.protocol)
+    cli.quiet_library_logs()
     document: dict[str, Any] = {}
     previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -79,26 +79,6 @@ def _initialise_distributed() -> None:
         jax.distributed.initialize()  # JAX reads the cluster from the environment
 
 
-_QUIET_LOGGERS = ("jax._src.xla_bridge", "orbax", "absl.orbax", "tensorflow")
-
-
-def _quiet_library_info(record) -> bool:
-    """Keeps orbax's per-save and JAX's backend-probing (libtpu) INFO lines out of the training
-    log; their warnings still show."""
-    if record.levelno > 20:
-        return True
-    return "/orbax/" not in record.pathname and "xla_bridge" not in record.pathname
-
-
-def _quiet_console() -> None:
-    """Library INFO chatter off; numerics untouched (TF_CPP_MIN_LOG_LEVEL: see detcon.data)."""
-    import logging as python_logging
-
-    logging.get_absl_handler().addFilter(_quiet_library_info)
-    for name in _QUIET_LOGGERS:
-        python_logging.getLogger(name).setLevel(python_logging.WARNING)
-
-
 def _next_step(config, workdir: str, result: dict[str, float]) -> str:
     """One line: how the run ended and the command to run next (evaluate, export)."""
     last = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k in ("loss", "top1"))
@@ -120,7 +100,7 @@ def _next_step(config, workdir: str, result: dict[str, float]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    _quiet_console()
+    cli.quiet_library_logs()
     config = cli.config_value(_CONFIG)
     if FLAGS.is_test:
         from configs import is_test
