@@ -668,3 +668,17 @@ def test_is_test_removes_its_temporary_workdir(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Smoke test passed" in result.stderr
     assert not [n for n in os.listdir(tmp_path) if n.startswith("detcon_is_test_")]
+
+
+def test_library_info_lines_are_filtered_and_their_warnings_kept():
+    from detcon import cli
+
+    def record(path: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    probe = "/venv/site-packages/jax/_src/xla_bridge.py"  # "Unable to initialize backend 'tpu'"
+    save = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not cli._not_library_info(record(probe, logging.INFO))
+    assert not cli._not_library_info(record(save, logging.INFO))
+    assert cli._not_library_info(record(save, logging.WARNING))
+    assert cli._not_library_info(record("/repo/detcon/train/loop.py", logging.INFO))
