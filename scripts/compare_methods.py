@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+from detcon import cli, errors
 from detcon.data.build import scenes
 from detcon.study import budget as budget_lib
 from detcon.study import compare, runner
+from detcon.study import stop as study_stop
 
 _DEFAULT = budget_lib.Budget()
 _OUTPUT = flags.DEFINE_string("output_directory", None, "Where runs, results and reports go.")
@@ -88,6 +90,14 @@ _SEG_EPOCHS = flags.DEFINE_integer("seg_epochs", 30, "Epochs of the segmentation
 
 
 def main(argv: list[str]) -> None:
+    try:
+        with study_stop.stop_on_signals():
+            _main(argv)
+    except errors.Preempted as stop:
+        cli.fail(study_stop.resume_hint(os.path.abspath(_OUTPUT.value), stop), stop.exit_code)
+
+
+def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _SEG_SIZE.value < 32 or _SEG_SIZE.value % 32:

@@ -36,11 +36,17 @@ _VALIDATION_DIRECTORY = flags.DEFINE_string(
     "validation_directory", None, "Validation images, same layout."
 )
 _OUTPUT_DIRECTORY = flags.DEFINE_string("output_directory", None, "Where the shards are written.")
+_OFFICIAL_SHARDS = {"train": 2048, "validation": 256}
 _TRAIN_SHARDS = flags.DEFINE_integer(
-    "train_shards", 2048, "Number of train shards (the official reader expects 2048)."
+    "train_shards",
+    None,
+    "Number of train shards (official: 2048). Default: 2048, or fewer for small folders (at "
+    f"least {mask_job.MIN_IMAGES_PER_SHARD} images per shard); a given value is used as is.",
 )
 _VALIDATION_SHARDS = flags.DEFINE_integer(
-    "validation_shards", 256, "Number of validation shards (official: 256)."
+    "validation_shards",
+    None,
+    "Number of validation shards (official: 256). Default: 256, or fewer for small folders.",
 )
 _FH_SCALES = flags.DEFINE_string(
     "fh_scales", "1000", "Comma-separated FH scales, one mask per scale."
@@ -163,6 +169,8 @@ def main(argv: list[str]) -> None:
                 listing.ignored_non_images[:3],
             )
         files = image_folder.shuffled(listing.files, _SEED.value)
+        if num_shards is None:
+            num_shards = mask_job.default_num_shards(len(files), _OFFICIAL_SHARDS[name])
         logging.info(
             "%s: %d images from %s into %d shards", name, len(files), directory, num_shards
         )
@@ -194,6 +202,8 @@ def main(argv: list[str]) -> None:
         )
         for path, reason in summary.skipped:
             print(f"  skipped {path}: {reason}")
+        for path in summary.shards_rewritten:
+            print(f"  rewrote {path}: it failed verification (damaged or cut short)")
 
 
 if __name__ == "__main__":

@@ -321,3 +321,57 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     )
     assert sum("reusing" in line for line in logged) == 3
     assert [e["seg_miou"] for e in again["methods"]] == [e["seg_miou"] for e in document["methods"]]
+
+
+def test_a_stop_signal_anywhere_in_the_study_is_preempted_with_a_resume_hint(tmp_path):
+    import signal
+
+    from detcon import errors
+    from detcon.study import stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(errors.Preempted) as stopped:
+        with stop.stop_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. while probing: no trainer handler
+            for _ in range(1000):  # the handler runs between bytecodes, not later
+                pass
+            raise AssertionError("the signal was ignored")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    hint = stop.resume_hint(str(tmp_path), stopped.value)
+    assert hint.startswith("Stopped by SIGTERM. Finished methods are kept in ")
+    assert os.path.join(str(tmp_path), "runs") in hint and hint.endswith("to resume.")
+
+
+@pytest.mark.slow
+def test_sigterm_near_the_end_of_a_method_stops_the_study_which_then_resumes(tmp_path, monkeypatch):
+    """A SIGTERM during the last training step used to be swallowed: the study ran on."""
+    import signal
+
+    from detcon import errors
+    from detcon.study import stop
+
+    output = str(tmp_path / "study")
+    budget = budget_lib.Budget(steps=2, batch_size=8, depth=10, image_size=64)
+    kwargs = dict(
+        spec=TINY_SPEC, seg_image_size=128, seg_label_size=64, seg_epochs=1, log=lambda _: None
+    )
+    real_batches = train_loop.real_batches
+
+    def terminated_in_the_last_step(config, directory, start_step, *args):
+        for index, batch in enumerate(real_batches(config, directory, start_step, *args)):
+            if index == 3:  # two batches are prefetched: batch 3 is drawn for the last step
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(train_loop, "real_batches", terminated_in_the_last_step)
+    with pytest.raises(errors.Preempted) as stopped, stop.stop_on_signals():
+        compare.run(["detcon_b"], budget, str(tmp_path / "scenes"), output, **kwargs)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    run = os.path.join(output, "runs", "detcon_b")
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2"]  # saved, then stopped
+    assert not os.path.exists(runner.result_path(output, "detcon_b"))  # not probed yet
+    monkeypatch.undo()
+    document = compare.run(["detcon_b"], budget, str(tmp_path / "scenes"), output, **kwargs)
+    assert [e["name"] for e in document["methods"]] == ["detcon_b"]
+    assert [p["step"] for p in document["methods"][0]["loss_curve"]][-1] == 2

@@ -1,6 +1,7 @@
 """Mask generation: odd and broken inputs, FH equal to scikit-image, resume, workers, the CLI."""
 
 import dataclasses
+import hashlib
 import io
 import os
 import subprocess
@@ -145,6 +146,61 @@ def test_rerun_resumes_without_rewriting_finished_shards(generated, tmp_path):
     assert shards.list_shards(output, "train") == paths  # the stale temporary file is not a shard
 
 
+def test_manifest_records_each_shard_count_size_checksum_and_skips(generated):
+    _, output, expected, _ = generated
+    entries = mask_job.shard_entries(output, "train")
+    paths = shards.list_shards(output, "train")
+    assert sorted(entries) == [os.path.basename(p) for p in paths]
+    for path in paths:
+        entry = entries[os.path.basename(path)]
+        assert entry["records"] == shards.count_records(path) == shards.recorded_count(path)
+        assert entry["bytes"] == os.path.getsize(path)
+        with open(path, "rb") as handle:
+            assert entry["sha256"] == hashlib.sha256(handle.read()).hexdigest()
+    assert sum(e["records"] for e in entries.values()) == expected["good"]
+    skipped = {path for e in entries.values() for path, _ in e["skipped"]}
+    assert skipped == expected["bad"]
+
+
+def test_rerun_rewrites_a_damaged_shard_and_keeps_the_skip_count(generated, tmp_path, caplog):
+    import logging
+    import shutil
+
+    inputs, original, expected, _ = generated
+    output = str(tmp_path / "copy")
+    shutil.copytree(original, output)
+    paths = shards.list_shards(output, "train")
+    with open(paths[2], "rb") as handle:
+        content = handle.read()
+    with open(paths[2], "r+b") as handle:  # a copy cut short (or a full disk)
+        handle.truncate(len(content) - 7)
+    with open(paths[0], "r+b") as handle:  # same size, one byte changed
+        handle.seek(40)
+        byte = handle.read(1)
+        handle.seek(40)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    caplog.set_level(logging.WARNING)
+    summary = _generate(inputs, output)
+    assert summary.shards_rewritten == [paths[0], paths[2]]
+    assert summary.shards_already_complete == 1 and summary.shards_written == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{paths[2]}: " in warned and "rewriting it" in warned and "checksum" in warned
+    with open(paths[2], "rb") as handle:
+        assert handle.read() == content
+    assert {path for path, _ in summary.skipped} == expected["bad"]  # all, kept or rewritten
+    summary = _generate(inputs, output)  # nothing to do: every shard verifies
+    assert summary.shards_already_complete == 3 and not summary.shards_rewritten
+    assert {path for path, _ in summary.skipped} == expected["bad"]
+
+
+def test_default_shard_count_follows_the_input_size():
+    assert mask_job.default_num_shards(19, 2048) == 1
+    assert mask_job.default_num_shards(0, 2048) == 1
+    assert mask_job.default_num_shards(1000, 2048) == 16  # ceil(1000 / 64)
+    assert mask_job.default_num_shards(1_281_167, 2048) == 2048  # ImageNet: the official counts
+    assert mask_job.default_num_shards(50_000, 256) == 256
+
+
 def test_interrupted_shard_leaves_no_partial_file(generated, tmp_path, monkeypatch):
     inputs, _, _, _ = generated
     output = str(tmp_path / "interrupted")
@@ -259,8 +315,7 @@ def test_command_line_runs_over_a_flat_folder(tmp_path):
             f"--train_directory={flat}",
             f"--validation_directory={flat}",
             f"--output_directory={output}",
-            "--train_shards=2",
-            "--validation_shards=1",
+            "--train_shards=2",  # given: used as is, though the default would make 1
             "--fh_scales=100",
             "--fh_min_sizes=20",
             "--num_workers=1",
@@ -272,6 +327,7 @@ def test_command_line_runs_over_a_flat_folder(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "train: wrote 2 images in 2 shards" in result.stdout
+    assert "validation: wrote 2 images in 1 shards" in result.stdout  # the default fits 3 files
     assert "skipped 1 unreadable files" in result.stdout and "c.jpg" in result.stdout
     labels = [
         tf.train.Example.FromString(r.numpy()).features.feature[schema.LABEL].int64_list.value[0]

@@ -10,6 +10,7 @@ With `deterministic=True` this order is exact; otherwise tf.data may reorder rec
 """
 
 import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -206,6 +207,25 @@ def _epoch_records(
     return records.skip(skip).map(lambda position, record: (epoch, position, record))
 
 
+def naming_damaged_shards(batches: Iterator[dict], paths: list[str]) -> Iterator[dict]:
+    """`batches`, where TF's DataLossError (which names no file) becomes a one-line
+    DamagedDataError naming the damaged shard and the command that rewrites it."""
+    try:
+        yield from batches
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        damaged = shards.damaged_shards(paths)
+        directory = os.path.dirname(paths[0]) if paths else "the dataset"
+        if not damaged:
+            if isinstance(error, tf.errors.InvalidArgumentError):
+                raise  # not a damaged file: a real bug, keep its traceback
+            damaged = [(directory, error.message.splitlines()[0])]
+        names = "; ".join(f"{path}: {reason}" for path, reason in damaged[:3])
+        more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+        raise errors.DamagedDataError(
+            f"damaged TFRecord shard {names}{more}; {shards.regenerate_hint(directory)}"
+        ) from None
+
+
 def pretrain_batches(
     dataset_directory: str,
     *,
@@ -314,7 +334,7 @@ def pretrain_batches(
     options = tf.data.Options()
     options.deterministic = deterministic
     # Returned, not yielded from: bad arguments and missing shards fail at the call, not at next().
-    return dataset.with_options(options).as_numpy_iterator()
+    return naming_damaged_shards(dataset.with_options(options).as_numpy_iterator(), paths)
 
 
 def eval_batches(
@@ -366,4 +386,4 @@ def eval_batches(
         .batch(local_devices, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    return dataset.as_numpy_iterator()
+    return naming_damaged_shards(dataset.as_numpy_iterator(), paths)
