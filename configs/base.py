@@ -37,6 +37,9 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
             deterministic=False,  # True: identical losses on re-runs, at some input throughput
             shuffle_buffer=10_000,
             crop_min_area=0.08,  # smallest random crop, fraction of the image (MoCo family: 0.2)
+            # The release's crop window and resize filter: "released" (DetCon/BYOL, bicubic),
+            # "torchvision" (RandomResizedCrop, bilinear), "tf_distorted_bbox" (SimCLR, bicubic).
+            crop_sampler="released",
             seed=0,
         )
     )

@@ -15,8 +15,11 @@ is MoCo v2's (SGD lr 0.03 x B/256, momentum 0.9, weight decay 1e-4, cosine; m 0.
 configs/selfsup/detco/r50_marvel.py. Heads as the port: per stage res2..res5, global
 avgpool -> Linear(C, C) -> ReLU -> Linear(C, 128), local (the 9 patches' pooled features
 concatenated) Linear(9C, C) -> ReLU -> Linear(C, 128), biases, no BatchNorm.
-Stage weights (0.1, 0.4, 0.7, 1.0) for res2..res5 are the paper's (arXiv 2102.04803); the port
-uses (0.1, 0.15, 0.3, 0.45). Departures from the port: the jigsaw cuts each augmented view
+Objective: the paper's Eq. 1, sum_i w_i (L_g-g + L_l-l + L_g-l) with the three terms summed;
+stage weights (0.1, 0.4, 0.7, 1.0) for res2..res5 as in shuuchen/DetCo.pytorch main_detco.py,
+which adds the three terms with these weights (the paper, arXiv 2102.04803, gives the same
+weights; Qianna00/openselfsup uses (0.1, 0.15, 0.3, 0.45)).
+Departures from the port: the jigsaw cuts each augmented view
 into a 3 x 3 grid resized to patch_size (the port draws patches from a separate 0.6-1 crop at
 255 px, 85 px cells randomly cropped to 64 px, and uses hue 0.4); the patch order is not shuffled.
 """

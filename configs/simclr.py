@@ -29,5 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
     c = base.get_config("simclr", SETTINGS)
     c.optim.base_learning_rate = 0.3
     c.optim.weight_decay = 1e-6
+    c.data.crop_sampler = "tf_distorted_bbox"  # tf2/data_util.py crop_and_resize
     c.lock()
     return c

@@ -118,6 +118,7 @@ def real_batches(
         deterministic=config.data.deterministic,
         with_masks=needs.masks,
         crop_min_area=config.data.crop_min_area,
+        crop_sampler=config.data.crop_sampler,
     )
     index = _local_indices(local_devices, per_device)
     for batch in batches:
