@@ -36,5 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the locked DenseCL ImageNet config."""
     c = base.get_config("densecl", SETTINGS)
     moco_v2.moco_recipe(c)
+    c.model.init = "densecl"  # openselfsup ResNet.init_weights and DenseCL.init_weights
     c.lock()
     return c

@@ -42,6 +42,7 @@ def moco_recipe(c: ml_collections.ConfigDict) -> None:
     c.training.batch_size = 256
     c.training.pretrain_epochs = 200
     c.data.crop_min_area = 0.2
+    c.model.init = "torchvision"  # torchvision.models.resnet50(), as moco/builder.py builds it
     c.data.crop_sampler = "torchvision"  # RandomResizedCrop(224, scale=(0.2, 1.0)), bilinear
 
 

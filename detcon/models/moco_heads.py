@@ -61,6 +61,8 @@ def make_network(
     """
     precision = model.precision
     precision_lib.check_precision(precision)
+    init = model.get("init", "haiku")  # the release's initialisers (networks.INIT_SCHEMES)
+    networks.init_scheme(init)  # refuses an unknown scheme when the network is built
     depth, width = model.depth, model.width_multiplier
     norm_dtype = jnp.bfloat16 if precision == "bfloat16" and model.bf16_batch_norm else jnp.float32
 
@@ -68,7 +70,11 @@ def make_network(
         view: NamedTuple, is_training: bool, online: bool = True, num_views: int = 1
     ) -> MocoOutputs:
         del online
-        with precision_lib.policies(precision), networks.batch_norm_mode(num_views, norm_dtype):
+        with (
+            precision_lib.policies(precision),
+            networks.batch_norm_mode(num_views, norm_dtype),
+            networks.init_scheme(init),
+        ):
             torso = networks.ResNetTorso(depth, width, axis_name, bn_decay_rate=model.bn_decay_rate)
             stages = torso(view.images, is_training=is_training, return_stages=True)
             fmap = stages[-1]
