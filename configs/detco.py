@@ -35,6 +35,7 @@ SETTINGS = dict(
     momentum=0.999,
     query_batch_norm="per_device",
     key_batch_norm="shuffle",
+    shuffle_bn_groups=8,  # one device: split BatchNorm groups emulating shuffle BN (moco_v2.py)
     stage_weights=(0.1, 0.4, 0.7, 1.0),  # res2..res5, the paper's
     patch_size=64,  # jigsaw cell side in pixels (the port's 64)
 )

@@ -29,6 +29,9 @@ SETTINGS = dict(
     momentum=0.999,  # key encoder, constant
     query_batch_norm="per_device",  # or "cross_replica"
     key_batch_norm="shuffle",  # or "cross_replica"
+    # One device: shuffle BN emulated by split BatchNorm over this many groups of the shuffled
+    # key batch (MoCo's single-GPU demo uses 8); must divide the batch.
+    shuffle_bn_groups=8,
 )
 
 

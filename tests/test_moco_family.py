@@ -200,6 +200,57 @@ def test_shuffled_key_forward_equals_plain_forward_with_global_batch_norm(monkey
     assert np.abs(plain[0, 0] - plain[1, 0]).max() > 1e-4  # examples do differ
 
 
+def test_split_batch_norm_normalises_each_group_with_its_own_statistics():
+    groups, per_group, channels = 4, 3, 5
+    rng = np.random.default_rng(0)
+    # Groups with very different means and scales: one batch-wide statistic would not centre them.
+    x = rng.normal(size=(groups, per_group, channels)) * np.arange(1, groups + 1)[:, None, None]
+    x = jnp.asarray((x + 3.0 * np.arange(groups)[:, None, None]).reshape(-1, channels))
+
+    def forward(x):
+        with networks.batch_norm_mode(groups):
+            return hk.BatchNorm(True, True, 0.9, eps=0.0)(x, is_training=True)
+
+    out, _ = hk.transform_with_state(forward).apply(
+        *hk.transform_with_state(forward).init(None, x), None, x
+    )
+    normalised = np.asarray(out).reshape(groups, per_group, channels)
+    np.testing.assert_allclose(normalised.mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(normalised.var(axis=1), 1.0, rtol=1e-4)
+    reference = np.asarray(x).reshape(groups, per_group, channels)
+    reference = (reference - reference.mean(1, keepdims=True)) / reference.std(1, keepdims=True)
+    np.testing.assert_allclose(normalised, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_one_device_split_batch_norm_equals_shuffle_batch_norm_over_as_many_devices():
+    devices = 4  # 4 devices x 2 examples against 1 device x 8 in 4 groups
+    method = _method("moco_v2", key_batch_norm="shuffle", shuffle_bn_groups=devices)
+    params, state = method.make_network(None).init(
+        jax.random.PRNGKey(1), method.dummy_view(), is_training=True
+    )
+    images = mock_data.mock_batch(0, 0, np.arange(8), method.config.data.image_size, 4)["view2"]
+    images = jnp.asarray(images)
+    step_key = jax.random.PRNGKey(3)
+
+    def keys(groups: int, num_devices: int) -> np.ndarray:
+        method.settings.shuffle_bn_groups = groups  # read while tracing a new function
+
+        def forward(v):
+            out = method.target_forward(None, params, state, (v,), step_key, AXIS).outputs[0]
+            return out.projection
+
+        view = model_lib.GlobalView(images.reshape(num_devices, -1, *images.shape[1:]))
+        run = jax.pmap(forward, axis_name=AXIS, devices=jax.devices()[:num_devices])
+        return np.asarray(run(view)).reshape(8, -1)
+
+    spread, single = keys(devices, devices), keys(devices, 1)
+    np.testing.assert_allclose(single, spread, rtol=2e-4, atol=2e-5)
+    # The groups' statistics matter: one group per example differs from groups of two.
+    assert np.abs(keys(8, 1) - single).max() > 1e-3
+    with pytest.raises(ValueError, match="shuffle_bn_groups=3"):
+        keys(3, 1)
+
+
 # ------------------------------------------------------------------------- momentum encoder
 
 

@@ -65,7 +65,7 @@ def make_network(
     precision = model.precision  # read now: a later edit of the config must not change this network
     precision_lib.check_precision(precision)
     init = model.get("init", "haiku")  # the release's initialisers (networks.INIT_SCHEMES)
-    networks.init_scheme(init)  # refuses an unknown scheme when the network is built
+    networks.check_init_scheme(init)  # refuses an unknown scheme when the network is built
     # bf16 runs normalise in bf16 (fp32 statistics) unless the config keeps them fp32.
     norm_dtype = jnp.bfloat16 if precision == "bfloat16" and model.bf16_batch_norm else jnp.float32
 

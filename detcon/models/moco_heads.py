@@ -62,7 +62,7 @@ def make_network(
     precision = model.precision
     precision_lib.check_precision(precision)
     init = model.get("init", "haiku")  # the release's initialisers (networks.INIT_SCHEMES)
-    networks.init_scheme(init)  # refuses an unknown scheme when the network is built
+    networks.check_init_scheme(init)  # refuses an unknown scheme when the network is built
     depth, width = model.depth, model.width_multiplier
     norm_dtype = jnp.bfloat16 if precision == "bfloat16" and model.bf16_batch_norm else jnp.float32
 

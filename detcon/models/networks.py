@@ -65,11 +65,16 @@ def _release_init(
     return None
 
 
+def check_init_scheme(scheme: str) -> None:
+    """Raises ValueError naming the config field unless `scheme` is one of INIT_SCHEMES."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"--config.model.init={scheme!r}: choose one of {INIT_SCHEMES}.")
+
+
 def init_scheme(scheme: str) -> ContextManager:
     """Context (inside a transform) creating parameters with `scheme`'s initialisers
     (INIT_SCHEMES); 'haiku' changes nothing. Shapes and names are unchanged."""
-    if scheme not in INIT_SCHEMES:
-        raise ValueError(f"--config.model.init={scheme!r}: choose one of {INIT_SCHEMES}.")
+    check_init_scheme(scheme)
     if scheme == "haiku":
         return contextlib.nullcontext()
 
