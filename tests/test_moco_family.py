@@ -364,15 +364,35 @@ def test_torso_stage_outputs_come_from_the_same_pass_and_parameters():
     np.testing.assert_array_equal(stages[-1], last)
 
 
-def test_jigsaw_cuts_a_row_major_three_by_three_grid():
-    images = np.random.default_rng(0).random((2, 96, 96, 3)).astype(np.float32)
-    patches = np.asarray(moco_heads.jigsaw(jnp.asarray(images), 32))
-    assert patches.shape == (2, 9, 32, 32, 3)
-    for r in range(3):
-        for c in range(3):
-            np.testing.assert_array_equal(
-                patches[:, 3 * r + c], images[:, 32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)]
-            )
+def test_jigsaw_takes_a_random_window_of_every_cell_in_a_shuffled_order():
+    patch, cell = 32, moco_heads.jigsaw_cell_size(32)
+    assert (cell, moco_heads.jigsaw_crop_size(64)) == (43, 255)  # DetCo's 85 px cells at 64
+    n, side = 16, 3 * cell
+    # Pixel values encode (row, column) of the crop, so every patch reveals where it came from.
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    crops = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.float32)
+    crops = np.broadcast_to(crops, (n, side, side, 3))
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    patches = np.asarray(moco_heads.jigsaw(jnp.asarray(crops), keys, patch))
+    assert patches.shape == (n, 9, patch, patch, 3)
+    orders, offsets = set(), set()
+    for example in patches:
+        top, left = example[:, 0, 0, 0], example[:, 0, 0, 1]
+        # Each patch is a contiguous window lying inside one cell, and all nine cells appear.
+        ramp = np.arange(patch, dtype=np.float32)
+        want_rows = np.broadcast_to(top[:, None, None] + ramp[:, None], (9, patch, patch))
+        want_cols = np.broadcast_to(left[:, None, None] + ramp[None, :], (9, patch, patch))
+        np.testing.assert_array_equal(example[..., 0], want_rows)
+        np.testing.assert_array_equal(example[..., 1], want_cols)
+        cells = (top // cell) * 3 + left // cell
+        assert sorted(cells) == list(range(9))
+        assert ((top % cell) + patch <= cell).all() and ((left % cell) + patch <= cell).all()
+        orders.add(tuple(cells))
+        offsets.update(zip(top % cell, left % cell))
+    assert len(orders) > n // 2  # shuffled: the order differs between examples
+    assert len(offsets) > 20  # windows move inside their cells (up to 12 x 12 positions)
+    with pytest.raises(ValueError, match="patch_size=64"):
+        moco_heads.jigsaw(jnp.asarray(crops), keys, 64)
 
 
 # ----------------------------------------------------------------- checkpoint and export

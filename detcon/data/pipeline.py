@@ -22,6 +22,7 @@ list_shards = shards.list_shards  # part of this module's interface (the trainin
 # Fixed, not AUTOTUNE, so the record order does not depend on the host's core count.
 _INTERLEAVE_CYCLE = 16
 _SEED_MIX = 0x9E3779B1  # spreads (seed, process) pairs apart in the stateless seed space
+JIGSAW_AREA_RANGE = (0.6, 1.0)  # DetCo §3.4 (moco_heads.JIGSAW_AREA_RANGE; no JAX import here)
 
 
 def num_examples(dataset_directory: str, split: str = "train") -> int:
@@ -67,6 +68,7 @@ def two_views(
     max_mask_id: int = 256,
     crop_min_area: float = views.CROP_AREA_RANGE[0],
     crop_sampler: str = "released",
+    jigsaw_size: int = 0,
 ) -> dict[str, tf.Tensor]:
     """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`,
     `folded_segments` int32 and `label`.
@@ -76,15 +78,32 @@ def two_views(
     the segments of both views merged into id `max_mask_id - 1` because K > `max_mask_id`.
     An example without `fh` (a method that needs no masks) gives the same views, without masks.
     crop_sampler picks the release's crop window (views.CROP_SAMPLERS) and its resize filter.
+    jigsaw_size > 0 (DetCo) adds `jigsaw1`, `jigsaw2` float32 `[J, J, 3]`: each view's own crop
+    of 60-100% of the image (RandomResizedCrop as DetCo's patch pipeline), flipped, J px.
     """
     area_range = (crop_min_area, views.CROP_AREA_RANGE[1])
     crop = dict(area_range=area_range, sampler=crop_sampler)
+    jigsaw = {}
+    if jigsaw_size:
+        # Seeds of their own (folded in), so the two views stay those of a run without them.
+        jigsaw_seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, 1), num=2
+        )
+        for index in range(2):
+            jigsaw[f"jigsaw{index + 1}"] = views.random_image_view(
+                example["image"],
+                jigsaw_size,
+                jigsaw_seeds[index],
+                area_range=JIGSAW_AREA_RANGE,
+                sampler="torchvision",
+            )
     if "fh" not in example:
         seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
         return {
             "view1": views.random_image_view(example["image"], image_size, seed1, **crop),
             "view2": views.random_image_view(example["image"], image_size, seed2, **crop),
             "label": example["label"],
+            **jigsaw,
         }
     fh = example["fh"]
     check = tf.debugging.assert_less(
@@ -107,6 +126,7 @@ def two_views(
         "fh_mask2": mask2,
         "folded_segments": folded1 + folded2,
         "label": example["label"],
+        **jigsaw,
     }
 
 
@@ -172,13 +192,15 @@ def pretrain_batches(
     with_masks: bool = True,
     crop_min_area: float = views.CROP_AREA_RANGE[0],
     crop_sampler: str = "released",
+    jigsaw_size: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
 
     with_masks=False (methods that need none): no mask keys, and records need not hold masks.
     crop_min_area: smallest crop as a fraction of the image (0.08 BYOL/DetCon, 0.2 MoCo v2).
     crop_sampler: "released" (DetCon/BYOL), "torchvision" (MoCo family), "tf_distorted_bbox"
-    (SimCLR); see views.random_crop_window.
+    (SimCLR); see views.random_crop_window. jigsaw_size > 0 adds DetCo's jigsaw crops
+    `jigsaw1`, `jigsaw2` float32 `[D, b, J, J, 3]` (see two_views).
 
     Keys: `view1`, `view2` float32 `[D, b, S, S, 3]` in [0, 1]; `fh_mask1`, `fh_mask2` int32
     `[D, b, S, S]` segment ids renumbered per view into [0, max_mask_id); `folded_segments` int32
@@ -238,6 +260,7 @@ def pretrain_batches(
             max_mask_id,
             crop_min_area,
             crop_sampler,
+            jigsaw_size,
         )
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
