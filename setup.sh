@@ -27,6 +27,15 @@ else
     "${PIP[@]}" install --quiet --only-binary=:all: "torch==2.13.0+cpu" 2>/dev/null \
       && echo "[setup] installed optional torch (CPU)" \
       || echo "[setup] optional torch CPU build not reachable: export test against PyTorch will be skipped"
+    # torchvision's CPU build of the same release checks the MoCo-family colour jitter against
+    # torchvision.transforms; a build for another torch (e.g. CUDA) fails to import and is removed.
+    if "${PIP[@]}" install --quiet --only-binary=:all: --no-deps "torchvision==0.28.0+cpu" 2>/dev/null \
+      && "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+      echo "[setup] installed optional torchvision (CPU)"
+    else
+      "${PIP[@]}" uninstall --quiet -y torchvision 2>/dev/null || true
+      echo "[setup] optional torchvision CPU build not reachable: jitter tests against it will be skipped"
+    fi
   fi
   # Optional: OpenCV's contrib build, to compare our region priors with its selective search
   # (scripts/compare_region_priors.py, tests/test_region_priors.py); skipped with a reason if absent.

@@ -19,6 +19,9 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
             width_multiplier=1,
             num_classes=-1,  # online linear probe; <= 0: the dataset's count (its manifest)
             bn_decay_rate=0.9,
+            # Initialisers of the release (detcon.models.networks.INIT_SCHEMES): "haiku" for the
+            # DeepMind methods, "torchvision" for MoCo v2 and DetCo, "densecl" for DenseCL.
+            init="haiku",
             precision="float32",  # or "bfloat16": bf16 convs/matmuls, fp32 params/BN/loss
             # Both views through each network as one batch (BatchNorm statistics still per view):
             # same numbers as one pass per view, larger GEMMs and half the kernel launches.
@@ -37,6 +40,9 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
             deterministic=False,  # True: identical losses on re-runs, at some input throughput
             shuffle_buffer=10_000,
             crop_min_area=0.08,  # smallest random crop, fraction of the image (MoCo family: 0.2)
+            # The release's crop window and resize filter: "released" (DetCon/BYOL, bicubic),
+            # "torchvision" (RandomResizedCrop, bilinear), "tf_distorted_bbox" (SimCLR, bicubic).
+            crop_sampler="released",
             seed=0,
         )
     )

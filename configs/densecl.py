@@ -18,6 +18,14 @@ DenseCLNeck (global 2048 -> 2048 -> 128 and dense 1x1 conv 2048 -> 2048 -> 128, 
 BatchNorm, on the 7 x 7 C5 grid), openselfsup/models/densecl.py (matches by backbone cosine
 similarity, dense queue of pooled dense keys) and openselfsup/hooks/densecl_warmup_hook.py
 (lambda 0 for a warm-up; no released config enables it, so dense_warmup_steps defaults to 0).
+Views: the config's train_pipeline is MoCo v2's torchvision pipeline (configs/moco_v2.py:
+RandomResizedCrop scale 0.2-1, ColorJitter 0.4/0.4/0.4/0.1, openselfsup
+datasets/pipelines/transforms.py GaussianBlur with PIL, edges extended).
+Initialisation (config.model.init "densecl"): openselfsup/models/backbones/resnet.py
+init_weights (convs mmcv kaiming_init fan_in normal, BatchNorm 1, zero_init_residual False),
+openselfsup/models/densecl.py init_weights(init_linear='kaiming') with necks.py _init_weights
+(the global neck's Linear layers Kaiming-normal fan_in, bias 0; the dense neck's 1x1 convs keep
+PyTorch's default).
 """
 
 import ml_collections
@@ -36,5 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the locked DenseCL ImageNet config."""
     c = base.get_config("densecl", SETTINGS)
     moco_v2.moco_recipe(c)
+    c.model.init = "densecl"  # openselfsup ResNet.init_weights and DenseCL.init_weights
     c.lock()
     return c

@@ -13,6 +13,17 @@ Numbers from facebookresearch/moco (commit 132aea9): moco/builder.py (K 65536, m
 encoder), main_moco.py (SGD momentum 0.9, weight decay 1e-4 on all parameters, lr 0.03 at
 batch 256, no warm-up, cosine; --aug-plus augmentations: crop area 0.2-1, jitter
 0.4/0.4/0.4/0.1 p 0.8, grayscale 0.2, blur p 0.5, flip) and README (--moco-t 0.2 for v2).
+Views as main_moco.py --aug-plus builds them with torchvision: RandomResizedCrop(224,
+scale=(0.2, 1.)) (torchvision/transforms/transforms.py get_params: 10 tries, then a centre crop;
+bilinear; config.data.crop_sampler "torchvision"), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8
+(torchvision/transforms/_functional_tensor.py semantics: multiplicative brightness, grey-mean
+contrast, grey-blend saturation, random order; detcon.ops.augment.MOCO_V2_VIEW), RandomGrayscale
+0.2, moco/loader.py GaussianBlur (PIL, sigma 0.1-2, p 0.5, edges extended), flip.
+Initialisation: torchvision/models/resnet.py (Kaiming-normal fan_out convs, BatchNorm scale 1,
+no zero-init residual) and PyTorch's default nn.Linear for the MLP head (config.model.init).
+One device: the official code refuses to run without DistributedDataParallel; here shuffle BN is
+emulated by split BatchNorm over shuffle_bn_groups groups (MoCo's single-GPU demo,
+detcon.methods.moco).
 Departures: the learning rate is scaled linearly with the batch (0.03 x B/256, as MoCo's README
 advises by hand), and the cosine steps every update rather than once per epoch.
 """
@@ -29,6 +40,9 @@ SETTINGS = dict(
     momentum=0.999,  # key encoder, constant
     query_batch_norm="per_device",  # or "cross_replica"
     key_batch_norm="shuffle",  # or "cross_replica"
+    # One device: shuffle BN emulated by split BatchNorm over this many groups of the shuffled
+    # key batch (MoCo's single-GPU demo uses 8); must divide the batch.
+    shuffle_bn_groups=8,
 )
 
 
@@ -42,6 +56,8 @@ def moco_recipe(c: ml_collections.ConfigDict) -> None:
     c.training.batch_size = 256
     c.training.pretrain_epochs = 200
     c.data.crop_min_area = 0.2
+    c.model.init = "torchvision"  # torchvision.models.resnet50(), as moco/builder.py builds it
+    c.data.crop_sampler = "torchvision"  # RandomResizedCrop(224, scale=(0.2, 1.0)), bilinear
 
 
 def get_config() -> ml_collections.ConfigDict:

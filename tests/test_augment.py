@@ -289,3 +289,112 @@ def test_matmul_blur_equals_dm_pix(sigma, size):
     np.testing.assert_allclose(
         augment.gaussian_blur(image, jnp.float32(sigma), k), expected, atol=2e-6
     )
+
+
+# ------------------------------------------------------------------ torchvision / PIL recipe
+
+
+def _torchvision_functional_tensor():
+    """torchvision's tensor ops (F.adjust_* on tensors), or skip with the reason."""
+    try:
+        import torch
+        from torchvision.transforms import _functional_tensor as functional_tensor
+    except Exception as error:  # ImportError, or a torchvision built for another torch
+        pytest.skip(f"torchvision is not usable here ({error}); ./setup.sh installs its CPU build")
+    return torch, functional_tensor
+
+
+TORCHVISION_JITTER = dataclasses.replace(augment.MOCO_V2_VIEW, color_jitter_prob=1.0)
+
+
+@pytest.mark.parametrize(
+    "op, factor",
+    [("brightness", 1.3), ("brightness", 0.7), ("contrast", 1.4), ("contrast", 0.6),
+     ("saturation", 1.4), ("saturation", 0.6), ("hue", 0.1), ("hue", -0.07)],
+)  # fmt: skip
+def test_torchvision_jitter_op_matches_torchvision_functional(op, factor):
+    torch, functional_tensor = _torchvision_functional_tensor()
+    image = _random_images(20, 1, 12)[0]
+    config = dataclasses.replace(
+        TORCHVISION_JITTER, **{o: (0.4 if o == op else 0.0) for o in augment.JITTER_OPS}
+    )
+    field = {"brightness": "brightness_delta", "hue": "hue_delta"}.get(op, f"{op}_factor")
+    params = augment.sample_params(jax.random.PRNGKey(0), config)._replace(
+        **{field: jnp.float32(factor)}
+    )
+    ours = jax.jit(augment.color_jitter, static_argnames="config")(image, params, config=config)
+    chw = torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
+    theirs = getattr(functional_tensor, f"adjust_{op}")(chw, factor).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    assert float(jnp.abs(ours - image).max()) > 0.02  # the op changed the image
+
+
+def test_torchvision_jitter_composes_torchvision_ops_in_the_drawn_order():
+    torch, functional_tensor = _torchvision_functional_tensor()
+    factors = dict(brightness=1.35, contrast=0.65, saturation=1.3, hue=0.08)
+    params = augment.sample_params(jax.random.PRNGKey(0), TORCHVISION_JITTER)._replace(
+        brightness_delta=jnp.float32(factors["brightness"]),
+        contrast_factor=jnp.float32(factors["contrast"]),
+        saturation_factor=jnp.float32(factors["saturation"]),
+        hue_delta=jnp.float32(factors["hue"]),
+    )
+    image = _random_images(21, 1, 10)[0]
+    jitter = jax.jit(augment.color_jitter, static_argnames="config")
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]):
+        ours = jitter(
+            image, params._replace(jitter_order=jnp.array(order)), config=TORCHVISION_JITTER
+        )
+        theirs = torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
+        for op in order:  # ColorJitter.forward: fn_idx = randperm(4), each op with its factor
+            name = augment.JITTER_OPS[op]
+            theirs = getattr(functional_tensor, f"adjust_{name}")(theirs, factors[name])
+        np.testing.assert_allclose(ours, theirs.numpy().transpose(1, 2, 0), atol=3e-5)
+
+
+def test_torchvision_jitter_draws_multiplicative_brightness():
+    draws = jax.vmap(augment.sample_params, in_axes=(0, None))(_keys(2000), TORCHVISION_JITTER)
+    factors = np.asarray(draws.brightness_delta)
+    # ColorJitter(brightness=0.4) draws its factor uniformly from [0.6, 1.4].
+    assert 0.6 <= factors.min() < 0.61 and 1.39 < factors.max() <= 1.4
+    np.testing.assert_allclose(factors.mean(), 1.0, atol=0.02)
+    image = jnp.full((4, 4, 3), 0.5, jnp.float32)
+    config = dataclasses.replace(TORCHVISION_JITTER, contrast=0.0, saturation=0.0, hue=0.0)
+    params = augment.sample_params(jax.random.PRNGKey(1), config)._replace(
+        brightness_delta=jnp.float32(1.2)
+    )
+    np.testing.assert_allclose(augment.color_jitter(image, params, config), 0.6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 2.0])
+def test_edge_padded_blur_matches_scipy_nearest_mode(sigma):
+    from scipy import ndimage
+
+    image = _random_images(22, 1, 20)[0]
+    kernel_size = augment.pil_blur_kernel_size(2.0)
+    radius = kernel_size // 2
+    ours = augment.gaussian_blur(image, jnp.float32(sigma), kernel_size, "edge")
+    theirs = np.asarray(image, np.float64)
+    for axis in (0, 1):  # scipy's 'nearest' repeats the edge pixel, as PIL's box passes do
+        theirs = ndimage.gaussian_filter1d(
+            theirs, sigma, axis=axis, mode="nearest", truncate=radius / sigma
+        )
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+    # A flat image stays flat up to its border with edge padding; zero padding darkens it.
+    flat = jnp.full((20, 20, 3), 0.8, jnp.float32)
+    np.testing.assert_allclose(
+        augment.gaussian_blur(flat, jnp.float32(sigma), kernel_size, "edge"), 0.8, atol=1e-6
+    )
+    if sigma >= 1.0:
+        zero = augment.gaussian_blur(flat, jnp.float32(sigma), kernel_size, "zero")
+        assert float(zero[0, 0, 0]) < 0.7
+
+
+def test_moco_preset_is_torchvisions_recipe_and_styles_are_validated():
+    view = augment.MOCO_V2_VIEW
+    assert (view.brightness, view.contrast, view.saturation, view.hue) == (0.4, 0.4, 0.4, 0.1)
+    assert (view.jitter_style, view.blur_padding) == ("torchvision", "edge")
+    assert (augment.VIEW1.jitter_style, augment.VIEW1.blur_padding) == ("dm_pix", "zero")
+    with pytest.raises(ValueError, match="jitter_style"):
+        dataclasses.replace(ALL_OFF, jitter_style="pil")
+    with pytest.raises(ValueError, match="blur_padding"):
+        dataclasses.replace(ALL_OFF, blur_padding="reflect")

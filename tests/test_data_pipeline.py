@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from detcon.data import image_codec, pipeline, schema, shards
+from detcon.data import image_codec, pipeline, schema, shards, views
 from detcon.data.build import fh_records
 
 _H, _W, _S = 24, 32, 16
@@ -262,3 +262,28 @@ def test_mask_free_batches_equal_the_masked_views_and_need_no_masks(tmp_path, da
     assert batch["view1"].shape == (1, 2, _S, _S, 3)
     with pytest.raises(tf.errors.InvalidArgumentError, match="regenerate the shards"):
         _batches(directory, 1, local_devices=1)
+
+
+def test_detco_jigsaw_crops_are_extra_views_of_at_least_sixty_percent():
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.integers(0, 256, (90, 120, 3)), tf.uint8)
+    example = {"image": image, "label": tf.constant(0, tf.int32)}
+    seed = tf.constant([5, 9], tf.int64)
+    plain = pipeline.two_views(example, 32, 0, seed, crop_sampler="torchvision")
+    with_jigsaw = pipeline.two_views(
+        example, 32, 0, seed, crop_sampler="torchvision", jigsaw_size=129
+    )
+    # The views are those of a run without jigsaw crops; the crops are their own draws.
+    for key in ("view1", "view2"):
+        np.testing.assert_array_equal(plain[key].numpy(), with_jigsaw[key].numpy())
+    assert with_jigsaw["jigsaw1"].shape == (129, 129, 3) == with_jigsaw["jigsaw2"].shape
+    assert not np.array_equal(with_jigsaw["jigsaw1"].numpy(), with_jigsaw["jigsaw2"].numpy())
+    # Their windows: RandomResizedCrop(scale=(0.6, 1)) through the same window function.
+    for index in range(100):
+        _, size = views.random_crop_window(
+            tf.shape(image),
+            tf.constant([index, 3], tf.int64),
+            area_range=pipeline.JIGSAW_AREA_RANGE,
+            sampler="torchvision",
+        )
+        assert size.numpy().prod() >= 0.6 * 90 * 120 - 120  # up to rounding of the sides

@@ -1,6 +1,7 @@
 """Joint crop/flip of image and FH mask: the mask stays on the image content it describes."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from scipy import ndimage
 
@@ -59,13 +60,14 @@ def test_random_views_keep_mask_aligned_with_content_away_from_boundaries():
     assert flips == {True, False}
 
 
-def _crop_windows(height: int, width: int, num: int) -> tuple[np.ndarray, np.ndarray]:
-    """Returns offsets and sizes [num, 2] of random_crop_window over seeds (i, 7)."""
+def _crop_windows(height: int, width: int, num: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Returns offsets and sizes [num, 2] of random_crop_window(**kwargs) over seeds (i, 7)."""
 
     @tf.function
     def windows(seeds):
         def one(seed):
-            return tf.concat(views.random_crop_window(tf.constant([height, width, 3]), seed), 0)
+            window = views.random_crop_window(tf.constant([height, width, 3]), seed, **kwargs)
+            return tf.concat(window, 0)
 
         return tf.map_fn(one, seeds, fn_output_signature=tf.int32)
 
@@ -119,10 +121,130 @@ def test_crop_min_area_raises_the_smallest_crop():
     areas = []
     for seed in range(100):
         _, size = views.random_crop_window(
-            tf.constant([120, 160, 3]), tf.constant([seed, 0], tf.int64), min_area=0.2
+            tf.constant([120, 160, 3]), tf.constant([seed, 0], tf.int64), area_range=(0.2, 1.0)
         )
         areas.append(size.numpy().prod() / (120 * 160))
     assert 0.19 <= min(areas) < 0.35 and max(areas) <= 1.0  # MoCo v2's 0.2-1, and used
+
+
+def _torchvision_crops(height: int, width: int, num: int, scale: tuple) -> np.ndarray:
+    """Sizes [num, 2] (h, w) from a NumPy transcription of RandomResizedCrop.get_params."""
+    rng = np.random.default_rng(1)
+    log_ratio = (np.log(3 / 4), np.log(4 / 3))
+    sizes = []
+    for _ in range(num):
+        for _ in range(10):
+            target = height * width * rng.uniform(*scale)
+            ratio = np.exp(rng.uniform(*log_ratio))
+            w, h = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                sizes.append((h, w))
+                break
+        else:  # the fallback: whole image at the nearest allowed aspect ratio
+            if width / height < 3 / 4:
+                sizes.append((int(round(width / (3 / 4))), width))
+            elif width / height > 4 / 3:
+                sizes.append((height, int(round(height * 4 / 3))))
+            else:
+                sizes.append((height, width))
+    return np.array(sizes, np.float64)
+
+
+def _distorted_bbox_crops(height: int, width: int, num: int) -> np.ndarray:
+    """Sizes [num, 2] from a NumPy transcription of TensorFlow's sample_distorted_bounding_box
+    (GenerateRandomCrop, then the coverage test) with SimCLR's arguments."""
+    rng = np.random.default_rng(2)
+    min_area, max_area = 0.08 * height * width, 1.0 * height * width
+    sizes = []
+    for _ in range(num):
+        crop = (height, width)  # no attempt succeeded: the whole image
+        for _ in range(100):
+            aspect = rng.uniform(3 / 4, 4 / 3)
+            h = int(np.rint(np.sqrt(min_area / aspect)))
+            max_h = int(np.rint(np.sqrt(max_area / aspect)))
+            if np.rint(max_h * aspect) > width:
+                max_h = int(np.floor((width + 0.5 - 1e-7) / aspect))
+                if np.rint(max_h * aspect) > width:
+                    max_h -= 1
+            max_h = min(max_h, height)
+            h = min(h, max_h)
+            if h < max_h:
+                h += rng.integers(0, max_h - h + 1)
+            w = int(np.rint(h * aspect))
+            area = w * h
+            if area < min_area:
+                h += 1
+                w = int(np.rint(h * aspect))
+                area = w * h
+            if area > max_area:
+                h -= 1
+                w = int(np.rint(h * aspect))
+                area = w * h
+            if area < min_area or area > max_area or w > width or h > height or w <= 0 or h <= 0:
+                continue
+            if area >= 10 and area / (height * width) >= 0.1:  # kMinArea, min_object_covered
+                crop = (h, w)
+                break
+        sizes.append(crop)
+    return np.array(sizes, np.float64)
+
+
+@pytest.mark.parametrize(
+    "sampler, scale, height, width",
+    [
+        ("torchvision", (0.2, 1.0), 375, 500),
+        ("torchvision", (0.08, 1.0), 120, 400),  # wide: the centre-crop fallback is used
+        ("tf_distorted_bbox", (0.08, 1.0), 375, 500),
+    ],
+)
+def test_crop_sampler_area_and_aspect_quantiles_match_the_official_algorithm(
+    sampler, scale, height, width
+):
+    num = 2000
+    offsets, sizes = _crop_windows(height, width, num, area_range=scale, sampler=sampler)
+    assert (offsets >= 0).all() and (offsets + sizes <= [height, width]).all()
+    if sampler == "torchvision":
+        reference = _torchvision_crops(height, width, 20_000, scale)
+    else:
+        reference = _distorted_bbox_crops(height, width, 20_000)
+    quantiles = np.linspace(0.05, 0.95, 19)
+    areas, reference_areas = (x.prod(axis=1) / (height * width) for x in (sizes, reference))
+    # Standard error of a quantile of 2,000 draws is ~0.01 here.
+    np.testing.assert_allclose(
+        np.quantile(areas, quantiles), np.quantile(reference_areas, quantiles), atol=0.035
+    )
+    aspects, reference_aspects = (x[:, 1] / x[:, 0] for x in (sizes, reference))
+    np.testing.assert_allclose(
+        np.quantile(aspects, quantiles), np.quantile(reference_aspects, quantiles), atol=0.035
+    )
+
+
+def test_torchvision_sampler_falls_back_to_the_centre_crop():
+    # A 10 x 200 strip: no draw of area >= 50% fits 10 rows at aspect <= 4/3, so every window is
+    # the fallback: full height, width round(10 * 4/3) = 13, centred.
+    offsets, sizes = _crop_windows(10, 200, 16, area_range=(0.5, 1.0), sampler="torchvision")
+    np.testing.assert_array_equal(sizes, np.tile([10, 13], (16, 1)))
+    np.testing.assert_array_equal(offsets, np.tile([0, (200 - 13) // 2], (16, 1)))
+
+
+def test_crop_sampler_and_area_range_errors_name_the_config_field():
+    with pytest.raises(ValueError, match="crop_sampler='pil'"):
+        views.random_crop_window(tf.constant([8, 8, 3]), tf.constant([0, 0]), sampler="pil")
+    with pytest.raises(ValueError, match="crop_min_area"):
+        views.random_crop_window(tf.constant([8, 8, 3]), tf.constant([0, 0]), area_range=(0, 1))
+
+
+def test_torchvision_sampler_resizes_bilinear():
+    assert views.resize_method("torchvision") == "bilinear"
+    assert views.resize_method("released") == views.resize_method("tf_distorted_bbox") == "bicubic"
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, 16:] = 255
+    bilinear = views.crop_flip_resize_image(
+        image, tf.constant([0, 0]), tf.constant([32, 32]), tf.constant(False), 8, "bilinear"
+    ).numpy()
+    # Antialiased bilinear (a triangle filter 4 px wide at 4x downsampling) never overshoots,
+    # unlike bicubic's ringing; clipped bicubic would give exact 0 and 1 away from the edge.
+    assert bilinear.min() >= 0.0 and 0.0 < bilinear[0, 3, 0] < 0.5 < bilinear[0, 4, 0] < 1.0
 
 
 def test_centre_view_crops_the_centre_of_the_resized_image():

@@ -127,13 +127,13 @@ def _densecl_loop(
 def _detco_loop(
     q_global, q_local, k_global, k_local, global_queues, local_queues, stage_weights, temperature
 ) -> float:
-    """MultiScaleContrastiveHead: per stage (gg + lg + ll) / 3, weighted sum over stages."""
+    """DetCo's Eq. 1: per stage gg + lg + ll (summed, not averaged), weighted sum over stages."""
     total = 0.0
     for s, weight in enumerate(stage_weights):
         gg = _moco_loop(q_global[s], k_global[s], global_queues[s], temperature)
         lg = _moco_loop(q_local[s], k_global[s], global_queues[s], temperature)
         ll = _moco_loop(q_local[s], k_local[s], local_queues[s], temperature)
-        total += weight * (gg + lg + ll) / 3.0
+        total += weight * (gg + lg + ll)
     return total
 
 
@@ -457,7 +457,7 @@ def test_detco_loss_matches_loop_reference():
     )
 
 
-def test_detco_loss_single_stage_is_mean_of_three_moco_terms():
+def test_detco_loss_single_stage_is_sum_of_three_moco_terms():
     rng = np.random.default_rng(13)
     q_global, q_local, k_global, k_local = (
         rng.normal(size=(1, 4, 6)).astype(np.float32) for _ in range(4)
@@ -467,7 +467,7 @@ def test_detco_loss_single_stage_is_mean_of_three_moco_terms():
         _moco(q_global[0], k_global[0], global_queue[0], temperature=0.2)
         + _moco(q_local[0], k_global[0], global_queue[0], temperature=0.2)
         + _moco(q_local[0], k_local[0], local_queue[0], temperature=0.2)
-    ) / 3
+    )
     got = _detco(
         q_global,
         q_local,
@@ -479,3 +479,16 @@ def test_detco_loss_single_stage_is_mean_of_three_moco_terms():
         temperature=0.2,
     )
     np.testing.assert_allclose(float(got), float(expected), rtol=1e-6)
+
+
+def test_detco_loss_equals_eq1_on_hand_built_inputs():
+    # Every query equals its key and is orthogonal to the K queue rows, so each InfoNCE term is
+    # -log(e^{1/T} / (e^{1/T} + K)) = log(1 + K e^{-1/T}); Eq. 1 gives 3 such terms per stage.
+    stages, batch, queue_size, temperature = 4, 2, 3, 0.5
+    e = np.eye(5, dtype=np.float32)
+    query = np.broadcast_to(e[0], (stages, batch, 5))
+    queue = np.broadcast_to(e[1 : 1 + queue_size], (stages, queue_size, 5))
+    weights = np.array([0.1, 0.4, 0.7, 1.0], np.float32)
+    term = math.log(1.0 + queue_size * math.exp(-1.0 / temperature))
+    got = _detco(query, query, query, query, queue, queue, weights, temperature=temperature)
+    np.testing.assert_allclose(float(got), 3.0 * term * weights.sum(), rtol=1e-6)

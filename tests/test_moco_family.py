@@ -200,6 +200,57 @@ def test_shuffled_key_forward_equals_plain_forward_with_global_batch_norm(monkey
     assert np.abs(plain[0, 0] - plain[1, 0]).max() > 1e-4  # examples do differ
 
 
+def test_split_batch_norm_normalises_each_group_with_its_own_statistics():
+    groups, per_group, channels = 4, 3, 5
+    rng = np.random.default_rng(0)
+    # Groups with very different means and scales: one batch-wide statistic would not centre them.
+    x = rng.normal(size=(groups, per_group, channels)) * np.arange(1, groups + 1)[:, None, None]
+    x = jnp.asarray((x + 3.0 * np.arange(groups)[:, None, None]).reshape(-1, channels))
+
+    def forward(x):
+        with networks.batch_norm_mode(groups):
+            return hk.BatchNorm(True, True, 0.9, eps=0.0)(x, is_training=True)
+
+    out, _ = hk.transform_with_state(forward).apply(
+        *hk.transform_with_state(forward).init(None, x), None, x
+    )
+    normalised = np.asarray(out).reshape(groups, per_group, channels)
+    np.testing.assert_allclose(normalised.mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(normalised.var(axis=1), 1.0, rtol=1e-4)
+    reference = np.asarray(x).reshape(groups, per_group, channels)
+    reference = (reference - reference.mean(1, keepdims=True)) / reference.std(1, keepdims=True)
+    np.testing.assert_allclose(normalised, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_one_device_split_batch_norm_equals_shuffle_batch_norm_over_as_many_devices():
+    devices = 4  # 4 devices x 2 examples against 1 device x 8 in 4 groups
+    method = _method("moco_v2", key_batch_norm="shuffle", shuffle_bn_groups=devices)
+    params, state = method.make_network(None).init(
+        jax.random.PRNGKey(1), method.dummy_view(), is_training=True
+    )
+    images = mock_data.mock_batch(0, 0, np.arange(8), method.config.data.image_size, 4)["view2"]
+    images = jnp.asarray(images)
+    step_key = jax.random.PRNGKey(3)
+
+    def keys(groups: int, num_devices: int) -> np.ndarray:
+        method.settings.shuffle_bn_groups = groups  # read while tracing a new function
+
+        def forward(v):
+            out = method.target_forward(None, params, state, (v,), step_key, AXIS).outputs[0]
+            return out.projection
+
+        view = model_lib.GlobalView(images.reshape(num_devices, -1, *images.shape[1:]))
+        run = jax.pmap(forward, axis_name=AXIS, devices=jax.devices()[:num_devices])
+        return np.asarray(run(view)).reshape(8, -1)
+
+    spread, single = keys(devices, devices), keys(devices, 1)
+    np.testing.assert_allclose(single, spread, rtol=2e-4, atol=2e-5)
+    # The groups' statistics matter: one group per example differs from groups of two.
+    assert np.abs(keys(8, 1) - single).max() > 1e-3
+    with pytest.raises(ValueError, match="shuffle_bn_groups=3"):
+        keys(3, 1)
+
+
 # ------------------------------------------------------------------------- momentum encoder
 
 
@@ -313,15 +364,35 @@ def test_torso_stage_outputs_come_from_the_same_pass_and_parameters():
     np.testing.assert_array_equal(stages[-1], last)
 
 
-def test_jigsaw_cuts_a_row_major_three_by_three_grid():
-    images = np.random.default_rng(0).random((2, 96, 96, 3)).astype(np.float32)
-    patches = np.asarray(moco_heads.jigsaw(jnp.asarray(images), 32))
-    assert patches.shape == (2, 9, 32, 32, 3)
-    for r in range(3):
-        for c in range(3):
-            np.testing.assert_array_equal(
-                patches[:, 3 * r + c], images[:, 32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)]
-            )
+def test_jigsaw_takes_a_random_window_of_every_cell_in_a_shuffled_order():
+    patch, cell = 32, moco_heads.jigsaw_cell_size(32)
+    assert (cell, moco_heads.jigsaw_crop_size(64)) == (43, 255)  # DetCo's 85 px cells at 64
+    n, side = 16, 3 * cell
+    # Pixel values encode (row, column) of the crop, so every patch reveals where it came from.
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    crops = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.float32)
+    crops = np.broadcast_to(crops, (n, side, side, 3))
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    patches = np.asarray(moco_heads.jigsaw(jnp.asarray(crops), keys, patch))
+    assert patches.shape == (n, 9, patch, patch, 3)
+    orders, offsets = set(), set()
+    for example in patches:
+        top, left = example[:, 0, 0, 0], example[:, 0, 0, 1]
+        # Each patch is a contiguous window lying inside one cell, and all nine cells appear.
+        ramp = np.arange(patch, dtype=np.float32)
+        want_rows = np.broadcast_to(top[:, None, None] + ramp[:, None], (9, patch, patch))
+        want_cols = np.broadcast_to(left[:, None, None] + ramp[None, :], (9, patch, patch))
+        np.testing.assert_array_equal(example[..., 0], want_rows)
+        np.testing.assert_array_equal(example[..., 1], want_cols)
+        cells = (top // cell) * 3 + left // cell
+        assert sorted(cells) == list(range(9))
+        assert ((top % cell) + patch <= cell).all() and ((left % cell) + patch <= cell).all()
+        orders.add(tuple(cells))
+        offsets.update(zip(top % cell, left % cell))
+    assert len(orders) > n // 2  # shuffled: the order differs between examples
+    assert len(offsets) > 20  # windows move inside their cells (up to 12 x 12 positions)
+    with pytest.raises(ValueError, match="patch_size=64"):
+        moco_heads.jigsaw(jnp.asarray(crops), keys, 64)
 
 
 # ----------------------------------------------------------------- checkpoint and export

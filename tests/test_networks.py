@@ -120,3 +120,105 @@ def test_classifier_starts_from_haiku_default_truncated_normal():
     assert np.abs(w).max() <= 2.0 * std + 1e-7
     np.testing.assert_allclose(w.std(), truncated_std, rtol=0.02)
     np.testing.assert_allclose(w.mean(), 0.0, atol=0.05 * std)
+
+
+# ------------------------------------------------------------------- initialisation schemes
+
+
+def _init_params(scheme: str, depth: int = 18) -> dict:
+    """Parameters of a ResNet torso plus a ReLU-MLP head, a 'dense_head' and the probe."""
+
+    def forward(x):
+        with networks.init_scheme(scheme):
+            fmap = networks.ResNetTorso(depth)(x, is_training=True)
+            features = fmap.mean(axis=(1, 2))
+            networks.ReluMLP(512, 128, name="projector")(features)
+            networks.ReluMLP(512, 128, name="dense_head")(fmap)
+            return networks.LinearClassifier(10)(features)
+
+    params, _ = hk.transform_with_state(forward).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))
+    )
+    return params
+
+
+def _torch_reference_std(shape_oihw: tuple, mode: str) -> float:
+    """The std of torch.nn.init.kaiming_normal_ (relu) on a tensor of that shape, or the formula."""
+    try:
+        import torch
+    except ImportError:
+        out, inp, kh, kw = shape_oihw
+        return math.sqrt(2.0 / ((out if mode == "fan_out" else inp) * kh * kw))
+    torch.manual_seed(0)
+    weight = torch.empty(shape_oihw)
+    torch.nn.init.kaiming_normal_(weight, mode=mode, nonlinearity="relu")
+    return float(weight.std())
+
+
+@pytest.mark.parametrize("scheme, mode", [("torchvision", "fan_out"), ("densecl", "fan_in")])
+def test_release_init_matches_pytorch_statistics_per_layer(scheme, mode):
+    params = _init_params(scheme)
+    last = lambda k: k.split("/")[-1]
+    convs = {k: v["w"] for k, v in params.items() if last(k).startswith("conv_")}
+    convs.update({k: v["w"] for k, v in params.items() if last(k).endswith("_conv")})
+    assert len(convs) == 20  # ResNet-18: the stem, 16 block convs and 3 projections
+    for name, w in convs.items():
+        kh, kw, inp, out = w.shape
+        expected = _torch_reference_std((out, inp, kh, kw), mode)
+        # std of n normal draws has relative standard error 1/sqrt(2n) (n >= 4,096 here).
+        tolerance = 10.0 / math.sqrt(2 * w.size)  # ours and torch's sample, 5 sigma each
+        assert abs(float(jnp.std(w)) / expected - 1.0) < tolerance, name
+        assert abs(float(jnp.mean(w))) < 5.0 * expected / math.sqrt(w.size), name
+        # Untruncated, as PyTorch: Haiku's truncated normal would never exceed 2 std.
+        assert float(jnp.abs(w).max()) > 2.5 * expected, name
+    scales = [v["scale"] for k, v in params.items() if "batchnorm" in k]
+    assert len(scales) == 20 and all(bool((s == 1.0).all()) for s in scales)  # no zero-init
+
+
+def _uniform_bound(w: jax.Array) -> float:
+    return 1.0 / math.sqrt(w.shape[0])
+
+
+def test_release_init_of_heads_and_the_probe():
+    tv, dense, haiku = (_init_params(s) for s in ("torchvision", "densecl", "haiku"))
+    for name in ("projector/linear", "projector/linear_1", "dense_head/linear"):
+        w, b = tv[name]["w"], tv[name]["b"]
+        bound = _uniform_bound(w)  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert float(jnp.abs(w).max()) <= bound and float(jnp.abs(w).max()) > 0.95 * bound
+        assert float(jnp.abs(b).max()) <= bound and float(jnp.abs(b).max()) > 0.5 * bound
+        np.testing.assert_allclose(float(jnp.std(w)), bound / math.sqrt(3), rtol=0.05)
+    # DenseCL's global neck: Kaiming normal fan_in with zero bias; its 1x1-conv head: default.
+    w = dense["projector/linear"]["w"]
+    np.testing.assert_allclose(float(jnp.std(w)), math.sqrt(2.0 / w.shape[0]), rtol=0.05)
+    assert not bool(dense["projector/linear"]["b"].any())
+    w = dense["dense_head/linear"]["w"]
+    assert float(jnp.abs(w).max()) <= _uniform_bound(w)
+    # The online probe is ours: Haiku's initialiser under every scheme.
+    for params in (tv, dense):
+        w = params["classifier/linear"]["w"]
+        np.testing.assert_allclose(
+            float(jnp.std(w)), float(jnp.std(haiku["classifier/linear"]["w"])), rtol=0.1
+        )
+    with pytest.raises(ValueError, match="config.model.init"):
+        networks.init_scheme("pytorch")
+
+
+def test_bottleneck_last_batch_norm_is_zero_under_haiku_and_one_under_torchvision():
+    def bottleneck_group(scheme):
+        def forward(x):
+            with networks.init_scheme(scheme):
+                cfg = networks.bn_config(None)
+                group = hk.nets.ResNet.BlockGroup(  # the group ResNet-50's torso builds
+                    64, 2, 1, cfg, resnet_v2=False, bottleneck=True, use_projection=True
+                )
+                return group(x, True, False)
+
+        return hk.transform_with_state(forward).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 64))
+        )[0]
+
+    haiku, tv = bottleneck_group("haiku"), bottleneck_group("torchvision")
+    last_bn = [k for k in haiku if k.endswith("batchnorm_2")]
+    assert len(last_bn) == 2
+    assert all(not bool(haiku[k]["scale"].any()) for k in last_bn)  # Haiku's zero-init residual
+    assert all(bool((tv[k]["scale"] == 1.0).all()) for k in last_bn)  # torchvision's default

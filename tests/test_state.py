@@ -33,3 +33,18 @@ def test_online_and_target_start_from_the_two_halves_of_the_init_key():
     ):
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_byol_draws_its_target_from_its_own_key_and_moco_copies_its_query_encoder():
+    """BYOL's byol_experiment._make_initial_state inits online and target from split keys;
+    MoCo's builder copies the query encoder into the key encoder."""
+    for name, own_draw in (("byol", True), ("moco_v2", False)):
+        experiment = experiment_lib.build(tiny_config(method=name), 10)
+        state = experiment.init_state(jax.random.PRNGKey(0))
+        conv = lambda params: np.asarray(params["res_net10/~/initial_conv"]["w"])
+        same = np.array_equal(conv(state.online_params), conv(state.target_params))
+        assert same != own_draw, name
+        if own_draw:  # a draw of the same distribution, not a scaled copy
+            np.testing.assert_allclose(
+                conv(state.target_params).std(), conv(state.online_params).std(), rtol=0.1
+            )

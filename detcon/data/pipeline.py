@@ -24,6 +24,7 @@ list_shards = shards.list_shards  # part of this module's interface (the trainin
 # Fixed, not AUTOTUNE, so the record order does not depend on the host's core count.
 _INTERLEAVE_CYCLE = 16
 _SEED_MIX = 0x9E3779B1  # spreads (seed, process) pairs apart in the stateless seed space
+JIGSAW_AREA_RANGE = (0.6, 1.0)  # DetCo §3.4 (moco_heads.JIGSAW_AREA_RANGE; no JAX import here)
 
 
 def num_examples(dataset_directory: str, split: str = "train") -> int:
@@ -124,6 +125,8 @@ def two_views(
     seed: tf.Tensor,
     max_mask_id: int = 256,
     crop_min_area: float = views.CROP_AREA_RANGE[0],
+    crop_sampler: str = "released",
+    jigsaw_size: int = 0,
 ) -> dict[str, tf.Tensor]:
     """Returns `view1`, `view2` float32 `[S, S, 3]`, `fh_mask1`, `fh_mask2` int32 `[S, S]`,
     `folded_segments` int32 and `label`.
@@ -132,13 +135,33 @@ def two_views(
     then its segments are renumbered 0..K-1 (`views.reindex_segments`); `folded_segments` counts
     the segments of both views merged into id `max_mask_id - 1` because K > `max_mask_id`.
     An example without `fh` (a method that needs no masks) gives the same views, without masks.
+    crop_sampler picks the release's crop window (views.CROP_SAMPLERS) and its resize filter.
+    jigsaw_size > 0 (DetCo) adds `jigsaw1`, `jigsaw2` float32 `[J, J, 3]`: each view's own crop
+    of 60-100% of the image (RandomResizedCrop as DetCo's patch pipeline), flipped, J px.
     """
+    area_range = (crop_min_area, views.CROP_AREA_RANGE[1])
+    crop = dict(area_range=area_range, sampler=crop_sampler)
+    jigsaw = {}
+    if jigsaw_size:
+        # Seeds of their own (folded in), so the two views stay those of a run without them.
+        jigsaw_seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, 1), num=2
+        )
+        for index in range(2):
+            jigsaw[f"jigsaw{index + 1}"] = views.random_image_view(
+                example["image"],
+                jigsaw_size,
+                jigsaw_seeds[index],
+                area_range=JIGSAW_AREA_RANGE,
+                sampler="torchvision",
+            )
     if "fh" not in example:
         seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
         return {
-            "view1": views.random_image_view(example["image"], image_size, seed1, crop_min_area),
-            "view2": views.random_image_view(example["image"], image_size, seed2, crop_min_area),
+            "view1": views.random_image_view(example["image"], image_size, seed1, **crop),
+            "view2": views.random_image_view(example["image"], image_size, seed2, **crop),
             "label": example["label"],
+            **jigsaw,
         }
     fh = example["fh"]
     check = tf.debugging.assert_less(
@@ -150,8 +173,8 @@ def two_views(
     with tf.control_dependencies([check]):
         mask = fh[fh_mask_index]
     seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    view1, mask1 = views.random_view(example["image"], mask, image_size, seed1, crop_min_area)
-    view2, mask2 = views.random_view(example["image"], mask, image_size, seed2, crop_min_area)
+    view1, mask1 = views.random_view(example["image"], mask, image_size, seed1, **crop)
+    view2, mask2 = views.random_view(example["image"], mask, image_size, seed2, **crop)
     mask1, folded1 = views.reindex_segments(mask1, max_mask_id)
     mask2, folded2 = views.reindex_segments(mask2, max_mask_id)
     return {
@@ -161,6 +184,7 @@ def two_views(
         "fh_mask2": mask2,
         "folded_segments": folded1 + folded2,
         "label": example["label"],
+        **jigsaw,
     }
 
 
@@ -245,6 +269,8 @@ def pretrain_batches(
     with_masks: bool = True,
     crop_min_area: float = views.CROP_AREA_RANGE[0],
     num_regions: int = 0,
+    crop_sampler: str = "released",
+    jigsaw_size: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
 
@@ -256,6 +282,9 @@ def pretrain_batches(
 
     with_masks=False (methods that need none): no mask keys, and records need not hold masks.
     crop_min_area: smallest crop as a fraction of the image (0.08 BYOL/DetCon, 0.2 MoCo v2).
+    crop_sampler: "released" (DetCon/BYOL), "torchvision" (MoCo family), "tf_distorted_bbox"
+    (SimCLR); see views.random_crop_window. jigsaw_size > 0 adds DetCo's jigsaw crops
+    `jigsaw1`, `jigsaw2` float32 `[D, b, J, J, 3]` (see two_views).
 
     Keys: `view1`, `view2` float32 `[D, b, S, S, 3]` in [0, 1]; `fh_mask1`, `fh_mask2` int32
     `[D, b, S, S]` segment ids renumbered per view into [0, max_mask_id); `folded_segments` int32
@@ -271,6 +300,7 @@ def pretrain_batches(
             f"start_step >= 0; got {image_size}, {local_devices}, {per_device_batch}, "
             f"{shuffle_buffer}, {start_step}"
         )
+    views.check_crop_sampler(crop_sampler, (crop_min_area, views.CROP_AREA_RANGE[1]))
     paths = list_shards(dataset_directory, split)
     files, example_level = split_for_process(paths, process_index, process_count)
     if not any(tf.io.gfile.stat(p).length for p in files):
@@ -320,6 +350,8 @@ def pretrain_batches(
             key,
             max_mask_id,
             crop_min_area,
+            crop_sampler,
+            jigsaw_size,
         )
 
     parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls

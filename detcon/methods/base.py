@@ -43,6 +43,9 @@ class DataNeeds(NamedTuple):
     # then carry region_boxes [b, k, 4] (cxcywh, normalised to the unpadded image) and
     # region_valid [b, k] bool, and pad_mask [b, S, S] bool (True on image pixels).
     num_regions: int = 0
+    # DetCo's local branch: each view also gets its own jigsaw crop jigsaw1/jigsaw2 [b, J, J, 3]
+    # (area 0.6-1 of the image, flipped, resized to J px); 0: none.
+    jigsaw_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,8 +28,9 @@ class BYOL(base.Method):
     hidden_size_fields = ("projector_hidden_size", "predictor_hidden_size")
     output_size_fields = ("projector_output_size",)
     has_target = True
-    # BYOL's byol_experiment._make_initial_state initialises the target as a copy of online.
-    target_init = "copy"
+    # BYOL's byol_experiment._make_initial_state draws the target from its own key
+    # (rng_online, rng_target = jax.random.split(rng)), not as a copy of the online network.
+    target_init = "own_key"
     console_metrics = ("byol_loss",)
 
     def make_network(self, axis_name: Optional[str]) -> hk.TransformedWithState:

@@ -27,6 +27,7 @@ class DetCo(moco.MoCoV2):
 
     name = "detco"
     console_metrics = ("detco_loss",)
+    keys_per_view = 3  # the view's augmentation, the jigsaw crop's, the cells' windows and order
     hidden_size_fields = ()  # the heads' hidden layers are as wide as each stage
 
     def __init__(self, config, total_steps: int):
@@ -46,9 +47,24 @@ class DetCo(moco.MoCoV2):
     def heads(self) -> moco_heads.MocoHeads:
         return moco_heads.MocoHeads(0, self.settings.projector_output_size, multi_stage=True)
 
+    @classmethod
+    def data_needs(cls, config) -> base.DataNeeds:
+        """No masks; the pipeline adds each view's jigsaw crop (jigsaw1, jigsaw2)."""
+        size = moco_heads.jigsaw_crop_size(config.detco.patch_size)
+        return base.DataNeeds(masks=False, jigsaw_size=size)
+
     def view_inputs(self, keys: jax.Array, batch: base.Batch, view: int) -> moco_heads.JigsawView:
-        images = moco.moco_view(keys, batch[f"view{view + 1}"]).images
-        return moco_heads.JigsawView(images, moco_heads.jigsaw(images, self.settings.patch_size))
+        """The augmented view, and nine patches of its own augmented jigsaw crop (§3.4)."""
+        images = moco.moco_view(keys[:, 0:1], batch[f"view{view + 1}"]).images
+        side = moco_heads.jigsaw_crop_size(self.settings.patch_size)
+        crop = batch.get(f"jigsaw{view + 1}")
+        if crop is None:  # mock batches carry no jigsaw crop: the unaugmented view stands in
+            source = batch[f"view{view + 1}"]
+            crop = jax.image.resize(source, (source.shape[0], side, side, 3), method="bilinear")
+        # Augmented whole before it is cut, as the port's patch pipeline (one draw per crop).
+        crop = moco.moco_view(keys[:, 1:2], crop).images
+        patches = moco_heads.jigsaw(crop, keys[:, 2], self.settings.patch_size)
+        return moco_heads.JigsawView(images, patches)
 
     def init_extra(self) -> dict[str, jax.Array]:
         size, dim = self.settings.queue_size, self.settings.projector_output_size

@@ -10,6 +10,11 @@ recursions give every step's key encoder the same parameters.
 
 BatchNorm. MoCo's query encoder normalises with per-device statistics and its key encoder with
 shuffle BN (detcon.ops.shuffle_bn); both can be switched to cross-replica statistics in the config.
+On one device shuffle BN has no other device to shuffle to, and the official code refuses to run
+(the key BN statistics would leak); here it is emulated as MoCo's single-GPU demo does
+(SplitBatchNorm, moco/colab): the key batch is shuffled, split into `shuffle_bn_groups`
+groups normalised with their own statistics, and unshuffled; the moving averages take one update
+per group. With G groups on one device the keys equal those of G devices under shuffle BN.
 Per-device BatchNorm averages are averaged over devices after each step, so every device holds
 the same state (what is checkpointed); this changes no training forward pass.
 """
@@ -19,6 +24,7 @@ from typing import Any, Optional, Sequence
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from detcon.methods import base, registry
 from detcon.models import heads as model_lib
@@ -68,6 +74,20 @@ class MoCoV2(base.Method):
         queues.check_queue_size(
             s.queue_size, config.training.batch_size, f"--config.{self.name}.queue_size"
         )
+        if s.key_batch_norm == "shuffle" and jax.device_count() == 1:
+            groups = s.get("shuffle_bn_groups", 8)
+            if groups < 1 or config.training.batch_size % groups:
+                raise ValueError(
+                    f"--config.{self.name}.shuffle_bn_groups={groups} must divide the batch "
+                    f"({config.training.batch_size}) to emulate shuffle BN on one device."
+                )
+            logging.info(
+                "%s: one device, so shuffle BN is emulated by split BatchNorm: the key batch "
+                "is shuffled and normalised in %d groups of %d (MoCo's single-GPU demo).",
+                self.name,
+                groups,
+                config.training.batch_size // groups,
+            )
 
     # ---------------------------------------------------------------------------------- networks
 
@@ -105,12 +125,14 @@ class MoCoV2(base.Method):
         """The key encoder on the key view, under shuffle BN or cross-replica BN."""
         del network  # the key encoder's BatchNorm differs from the query encoder's
         (view,) = views
-        if self.settings.key_batch_norm == "cross_replica" or axis_name is None:
+        if self.settings.key_batch_norm == "cross_replica":
             key_network = self._network(True, axis_name)
             out, state = key_network.apply(
                 params, state, None, view, is_training=True, online=False
             )
             return base.Forward((out,), state)
+        if axis_name is None or jax.lax.axis_size(axis_name) == 1:
+            return self._split_batch_norm_forward(params, state, view, step_key, axis_name)
         key_network = self._network(False, axis_name)
         perm = shuffle_bn.permutation(step_key, view.images.shape[0], axis_name)
         out, state = key_network.apply(
@@ -124,6 +146,34 @@ class MoCoV2(base.Method):
         return base.Forward(
             (shuffle_bn.unshuffle(out, perm, axis_name),), base.mean_over_devices(state, axis_name)
         )
+
+    def _split_batch_norm_forward(
+        self,
+        params: hk.Params,
+        state: hk.State,
+        view: Any,
+        step_key: jax.Array,
+        axis_name: Optional[str],
+    ) -> base.Forward:
+        """Shuffle BN on one device: the key batch [b, ...] shuffled, normalised in groups of
+        b / shuffle_bn_groups with their own statistics, outputs put back in order."""
+        groups = self.settings.get("shuffle_bn_groups", 8)
+        batch = view.images.shape[0]
+        if batch % groups:
+            raise ValueError(
+                f"--config.{self.name}.shuffle_bn_groups={groups} must divide the per-device "
+                f"batch ({batch})."
+            )
+        perm = jax.random.permutation(step_key, batch)
+        inverse = jnp.argsort(perm)
+        shuffled = jax.tree_util.tree_map(lambda x: x[perm], view)
+        out, state = self._network(False, None).apply(
+            params, state, None, shuffled, is_training=True, online=False, num_views=groups
+        )
+        out = jax.tree_util.tree_map(lambda x: x[inverse], out)
+        if axis_name is not None:
+            state = base.mean_over_devices(state, axis_name)
+        return base.Forward((out,), state)
 
     def target_decay(self, step: jax.Array) -> jax.Array:
         """MoCo's constant momentum (0.999)."""

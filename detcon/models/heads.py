@@ -64,6 +64,8 @@ def make_network(
     """
     precision = model.precision  # read now: a later edit of the config must not change this network
     precision_lib.check_precision(precision)
+    init = model.get("init", "haiku")  # the release's initialisers (networks.INIT_SCHEMES)
+    networks.check_init_scheme(init)  # refuses an unknown scheme when the network is built
     # bf16 runs normalise in bf16 (fp32 statistics) unless the config keeps them fp32.
     norm_dtype = jnp.bfloat16 if precision == "bfloat16" and model.bf16_batch_norm else jnp.float32
 
@@ -71,7 +73,11 @@ def make_network(
         view: NamedTuple, is_training: bool, online: bool = True, num_views: int = 1
     ) -> ViewOutputs:
         # Policies apply while tracing (see precision.policies), so each network keeps its own.
-        with precision_lib.policies(precision), networks.batch_norm_mode(num_views, norm_dtype):
+        with (
+            precision_lib.policies(precision),
+            networks.batch_norm_mode(num_views, norm_dtype),
+            networks.init_scheme(init),
+        ):
             torso = networks.ResNetTorso(
                 model.depth, model.width_multiplier, axis_name, bn_decay_rate=model.bn_decay_rate
             )

@@ -18,7 +18,7 @@ class JigsawView(NamedTuple):
     """Inputs of one DetCo view: the whole image and its 3 x 3 jigsaw patches."""
 
     images: jax.Array  # [N, S, S, 3] augmented and normalised
-    patches: jax.Array  # [N, 9, P, P, 3] row-major grid cells of the same image
+    patches: jax.Array  # [N, 9, P, P, 3] shuffled patches of the view's jigsaw crop (jigsaw())
 
 
 class MocoOutputs(NamedTuple):
@@ -41,13 +41,48 @@ class MocoHeads(NamedTuple):
     multi_stage: bool = False  # DetCo: global and jigsaw heads on res2..res5
 
 
-def jigsaw(images: jax.Array, patch_size: int) -> jax.Array:
-    """Images [N, S, S, 3] -> [N, 9, P, P, 3]: resized to 3P x 3P, cut into a row-major 3x3 grid."""
-    n, _, _, c = images.shape
-    side = 3 * patch_size
-    resized = jax.image.resize(images, (n, side, side, c), method="bilinear", antialias=True)
-    cells = resized.reshape(n, 3, patch_size, 3, patch_size, c).transpose(0, 1, 3, 2, 4, 5)
-    return cells.reshape(n, NUM_PATCHES, patch_size, patch_size, c)
+JIGSAW_AREA_RANGE = (0.6, 1.0)  # DetCo §3.4: the jigsaw crop covers at least 60% of the image
+
+
+def jigsaw_cell_size(patch_size: int) -> int:
+    """Cell side for patches of `patch_size`: DetCo's 85 px cells around 64 px patches, scaled
+    (round(85 P / 64), halves up): 64 -> 85 (a 255 px crop), 32 -> 43 (129 px)."""
+    return (85 * patch_size + 32) // 64
+
+
+def jigsaw_crop_size(patch_size: int) -> int:
+    """Side of the jigsaw crop: three cells (255 px for DetCo's 64 px patches)."""
+    return 3 * jigsaw_cell_size(patch_size)
+
+
+def jigsaw(crops: jax.Array, keys: jax.Array, patch_size: int) -> jax.Array:
+    """DetCo's local patches (§3.4): crops [N, 3c, 3c, 3] -> [N, 9, P, P, 3].
+
+    Each crop is cut into a 3 x 3 grid of c-pixel cells, a random P x P window is taken inside
+    each cell, and the nine are shuffled (keys [N, 2], one per crop), so the concatenated local
+    head cannot read a patch's position from its slot.
+    """
+    n, side, _, channels = crops.shape
+    cell = side // 3
+    if side != 3 * cell or cell < patch_size:
+        raise ValueError(
+            f"jigsaw crops of {side} px cannot hold 3 x 3 cells of at least patch_size="
+            f"{patch_size} px; expected {jigsaw_crop_size(patch_size)} px."
+        )
+    cells = crops.reshape(n, 3, cell, 3, cell, channels).transpose(0, 1, 3, 2, 4, 5)
+    cells = cells.reshape(n, NUM_PATCHES, cell, cell, channels)
+
+    def one(cells_of_crop: jax.Array, key: jax.Array) -> jax.Array:
+        offset_key, order_key = jax.random.split(key)
+        offsets = jax.random.randint(offset_key, (NUM_PATCHES, 2), 0, cell - patch_size + 1)
+        windows = jax.vmap(
+            lambda c, o: jax.lax.dynamic_slice(
+                c, (o[0], o[1], 0), (patch_size, patch_size, channels)
+            )
+        )(cells_of_crop, offsets)
+        return windows[jax.random.permutation(order_key, NUM_PATCHES)]
+
+    return jax.vmap(one)(cells, keys)
 
 
 def make_network(
@@ -61,6 +96,8 @@ def make_network(
     """
     precision = model.precision
     precision_lib.check_precision(precision)
+    init = model.get("init", "haiku")  # the release's initialisers (networks.INIT_SCHEMES)
+    networks.check_init_scheme(init)  # refuses an unknown scheme when the network is built
     depth, width = model.depth, model.width_multiplier
     norm_dtype = jnp.bfloat16 if precision == "bfloat16" and model.bf16_batch_norm else jnp.float32
 
@@ -68,7 +105,11 @@ def make_network(
         view: NamedTuple, is_training: bool, online: bool = True, num_views: int = 1
     ) -> MocoOutputs:
         del online
-        with precision_lib.policies(precision), networks.batch_norm_mode(num_views, norm_dtype):
+        with (
+            precision_lib.policies(precision),
+            networks.batch_norm_mode(num_views, norm_dtype),
+            networks.init_scheme(init),
+        ):
             torso = networks.ResNetTorso(depth, width, axis_name, bn_decay_rate=model.bn_decay_rate)
             stages = torso(view.images, is_training=is_training, return_stages=True)
             fmap = stages[-1]

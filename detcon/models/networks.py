@@ -1,6 +1,8 @@
 """ResNet v1 torsos and MLP heads in Haiku, named like DeepMind's BYOL and DetCon releases."""
 
-from typing import Any, Mapping, Optional, Sequence
+import contextlib
+import math
+from typing import Any, ContextManager, Mapping, Optional, Sequence
 
 import haiku as hk
 import jax
@@ -16,6 +18,72 @@ RESNET_DEPTHS: Mapping[int, tuple[Sequence[int], bool]] = {
     152: ((3, 8, 36, 3), True),
     200: ((3, 24, 36, 3), True),
 }
+
+
+# haiku: Haiku's defaults, as the DeepMind releases (convs and linears truncated normal
+# 1/sqrt(fan_in), the last BatchNorm scale of each residual block zero). torchvision:
+# torchvision/models/resnet.py (convs Kaiming-normal fan_out, every BatchNorm scale 1, no
+# zero-init residual) and PyTorch's default nn.Linear (weight and bias U(+-1/sqrt(fan_in))), as
+# MoCo v2 and DetCo build them. densecl: DenseCL's openselfsup ResNet.init_weights (convs mmcv
+# kaiming_init fan_in normal, BatchNorm 1) and DenseCLNeck (its Linear layers Kaiming-normal
+# fan_in with zero bias, init_linear='kaiming'; its 1x1 convs PyTorch's default).
+INIT_SCHEMES = ("haiku", "torchvision", "densecl")
+# Modules that are ours, not a release's: the online probe keeps Haiku's initialiser everywhere.
+_OWN_MODULES = ("classifier",)
+
+
+def _uniform_fan_in(fan_in: int) -> hk.initializers.Initializer:
+    """PyTorch's default nn.Linear/nn.Conv2d weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return hk.initializers.RandomUniform(-bound, bound)
+
+
+def _kaiming_normal(fan: int) -> hk.initializers.Initializer:
+    """Kaiming normal for ReLU: an untruncated normal of std sqrt(2 / fan)."""
+    return hk.initializers.RandomNormal(stddev=math.sqrt(2.0 / fan))
+
+
+def _release_init(
+    scheme: str, module: hk.Module, leaf: str, shape: Sequence[int]
+) -> Optional[hk.initializers.Initializer]:
+    """The release's initialiser of one parameter, or None to keep the module's own."""
+    path = module.module_name
+    if any(part in _OWN_MODULES for part in path.split("/")):
+        return None
+    if isinstance(module, hk.BatchNorm):
+        # No zero-init residual in torchvision's default nor DenseCL's: every scale starts at 1.
+        return hk.initializers.Constant(1.0) if leaf == "scale" else None
+    if isinstance(module, hk.Conv2D) and leaf == "w":
+        kh, kw, fan_in_channels, out = shape
+        fan = kh * kw * (out if scheme == "torchvision" else fan_in_channels)
+        return _kaiming_normal(fan)
+    if isinstance(module, hk.Linear):
+        fan_in = module.input_size
+        if scheme == "densecl" and "dense_head" not in path:
+            return _kaiming_normal(fan_in) if leaf == "w" else hk.initializers.Constant(0.0)
+        return _uniform_fan_in(fan_in)
+    return None
+
+
+def check_init_scheme(scheme: str) -> None:
+    """Raises ValueError naming the config field unless `scheme` is one of INIT_SCHEMES."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"--config.model.init={scheme!r}: choose one of {INIT_SCHEMES}.")
+
+
+def init_scheme(scheme: str) -> ContextManager:
+    """Context (inside a transform) creating parameters with `scheme`'s initialisers
+    (INIT_SCHEMES); 'haiku' changes nothing. Shapes and names are unchanged."""
+    check_init_scheme(scheme)
+    if scheme == "haiku":
+        return contextlib.nullcontext()
+
+    def creator(next_creator, shape, dtype, init, context):
+        leaf = context.full_name.rsplit("/", 1)[-1]
+        release = _release_init(scheme, context.module, leaf, shape)
+        return next_creator(shape, dtype, init if release is None else release)
+
+    return hk.custom_creator(creator)
 
 
 def bn_config(axis_name: Optional[str], decay_rate: float = 0.9, eps: float = 1e-5) -> dict:

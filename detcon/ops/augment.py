@@ -6,6 +6,7 @@ is colour/filtering only, so the masks stay aligned with the image.
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import chex
@@ -17,6 +18,13 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 SOLARIZE_THRESHOLD = 0.5
+# dm_pix: DetCon/BYOL's ops (additive brightness, per-channel-mean contrast, HSV saturation);
+# torchvision: ColorJitter's (brightness x factor, contrast and saturation blended with the
+# grey mean / grey image); both apply the four ops in a random order and shift hue in HSV.
+JITTER_STYLES = ("dm_pix", "torchvision")
+# zero: BYOL/SimCLR's 'SAME' convolution (taps past the edge are zeros, darkening the border);
+# edge: PIL's GaussianBlur under MoCo/DenseCL (the edge pixel is repeated outwards).
+BLUR_PADDINGS = ("zero", "edge")
 # `AugmentParams.jitter_order` holds a permutation of indices into this tuple.
 JITTER_OPS: tuple[str, ...] = ("brightness", "contrast", "saturation", "hue")
 
@@ -34,8 +42,14 @@ class AugmentConfig:
     blur_prob: float
     solarize_prob: float
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    jitter_style: str = "dm_pix"  # one of JITTER_STYLES
+    blur_padding: str = "zero"  # one of BLUR_PADDINGS
 
     def __post_init__(self):
+        if self.jitter_style not in JITTER_STYLES:
+            raise ValueError(f"jitter_style={self.jitter_style!r}: choose one of {JITTER_STYLES}.")
+        if self.blur_padding not in BLUR_PADDINGS:
+            raise ValueError(f"blur_padding={self.blur_padding!r}: choose one of {BLUR_PADDINGS}.")
         for name in ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
@@ -57,9 +71,17 @@ SIMCLR_VIEW = AugmentConfig(
     brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_prob=0.5, solarize_prob=0.0
 )
 # MoCo v2 (facebookresearch/moco main_moco.py --aug-plus; also DenseCL's and DetCo's pipelines):
-# both views alike, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale 0.2, blur p 0.5, no solarisation.
+# both views alike, torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, RandomGrayscale 0.2,
+# PIL GaussianBlur(radius=sigma) p 0.5 with extended edges (moco/loader.py), no solarisation.
 MOCO_V2_VIEW = AugmentConfig(
-    brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blur_prob=0.5, solarize_prob=0.0
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.4,
+    hue=0.1,
+    blur_prob=0.5,
+    solarize_prob=0.0,
+    jitter_style="torchvision",
+    blur_padding="edge",
 )
 
 
@@ -68,7 +90,7 @@ class AugmentParams(NamedTuple):
 
     apply_jitter: jax.Array  # bool
     jitter_order: jax.Array  # int32 [4], a permutation of range(len(JITTER_OPS))
-    brightness_delta: jax.Array
+    brightness_delta: jax.Array  # dm_pix: the added delta; torchvision: the multiplying factor
     contrast_factor: jax.Array
     saturation_factor: jax.Array
     hue_delta: jax.Array
@@ -105,7 +127,11 @@ def sample_params(key: jax.Array, config: AugmentConfig) -> AugmentParams:
         # Ranks of i.i.d. uniforms form a uniformly random permutation (ties have ~1e-6 chance and
         # still yield a permutation); cheaper than jax.random.permutation's repeated key sorts.
         jitter_order=jnp.argsort(uniforms[9:]).astype(jnp.int32),
-        brightness_delta=between(1, -config.brightness, config.brightness),
+        brightness_delta=(
+            around_one(1, config.brightness)
+            if config.jitter_style == "torchvision"
+            else between(1, -config.brightness, config.brightness)
+        ),
         contrast_factor=around_one(2, config.contrast),
         saturation_factor=around_one(3, config.saturation),
         hue_delta=between(4, -config.hue, config.hue),
@@ -130,6 +156,16 @@ def adjust_hsv(image: jax.Array, saturation_factor: jax.Array, hue_delta: jax.Ar
     return dm_pix.hsv_to_rgb(jnp.stack([hue + hue_delta, saturation, value], axis=-1))
 
 
+def grey(image: jax.Array) -> jax.Array:
+    """torchvision's rgb_to_grayscale (0.2989 R + 0.587 G + 0.114 B): [H, W, 3] -> [H, W, 1]."""
+    return dm_pix.rgb_to_grayscale(image, keep_dims=True)
+
+
+def blend(image: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
+    """torchvision's _blend: factor * image + (1 - factor) * other, clipped to [0, 1]."""
+    return jnp.clip(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+
+
 def color_jitter(image: jax.Array, params: AugmentParams, config: AugmentConfig) -> jax.Array:
     """Brightness, contrast, saturation, hue in `params.jitter_order`, each clipped: [H, W, 3]."""
     strengths = (config.brightness, config.contrast, config.saturation, config.hue)
@@ -140,16 +176,32 @@ def color_jitter(image: jax.Array, params: AugmentParams, config: AugmentConfig)
     def keep(x: jax.Array, op: jax.Array) -> jax.Array:
         return x
 
+    torchvision = config.jitter_style == "torchvision"
+
     def shift_brightness(x: jax.Array, op: jax.Array) -> jax.Array:
-        # Additive, as dm_pix.random_brightness in the DetCon and BYOL releases (torchvision
-        # multiplies instead).
+        if torchvision:  # F.adjust_brightness: blend with black, i.e. x * factor
+            return blend(x, jnp.zeros_like(x), params.brightness_delta)
+        # Additive, as dm_pix.random_brightness in the DetCon and BYOL releases.
         return jnp.clip(dm_pix.adjust_brightness(x, params.brightness_delta), 0.0, 1.0)
 
     def scale_contrast(x: jax.Array, op: jax.Array) -> jax.Array:
-        # Per-channel spatial mean, as tf.image/BYOL (torchvision uses the grayscale mean).
+        if torchvision:  # F.adjust_contrast: blend with the mean of the grey image
+            return blend(x, jnp.mean(grey(x)), params.contrast_factor)
+        # Per-channel spatial mean, as tf.image/BYOL.
         return jnp.clip(dm_pix.adjust_contrast(x, params.contrast_factor), 0.0, 1.0)
 
+    def torchvision_saturation_or_hue(x: jax.Array, op: jax.Array) -> jax.Array:
+        # F.adjust_saturation blends with the grey image; F.adjust_hue rotates hue in HSV.
+        return jax.lax.cond(
+            op == saturation_op,
+            lambda y: blend(y, grey(y), params.saturation_factor),
+            lambda y: jnp.clip(adjust_hsv(y, jnp.float32(1.0), params.hue_delta), 0.0, 1.0),
+            x,
+        )
+
     def saturation_or_hue(x: jax.Array, op: jax.Array) -> jax.Array:
+        if torchvision:
+            return torchvision_saturation_or_hue(x, op)
         # Factor 1 / delta 0 leave the other HSV coordinate exactly unchanged.
         factor = jnp.where(op == saturation_op, params.saturation_factor, 1.0)
         delta = jnp.where(op == hue_op, params.hue_delta, 0.0)
@@ -170,10 +222,12 @@ def color_jitter(image: jax.Array, params: AugmentParams, config: AugmentConfig)
     return image
 
 
-def _blur_matrix(size: int, sigma: jax.Array, kernel_size: int) -> jax.Array:
-    """[size, size] banded matrix: row i holds the normalised Gaussian taps centred on pixel i."""
+def _blur_matrix(size: int, sigma: jax.Array, kernel_size: int, padded: bool = False) -> jax.Array:
+    """[size, size] banded matrix: row i holds the normalised Gaussian taps centred on pixel i;
+    padded: [size, size + kernel_size - 1], the same taps on an input padded by the radius."""
     radius = kernel_size // 2
-    offset = jnp.arange(size)[None, :] - jnp.arange(size)[:, None]
+    columns = size + 2 * radius if padded else size
+    offset = jnp.arange(columns)[None, :] - jnp.arange(size)[:, None] - (radius if padded else 0)
     taps = jnp.exp(-jnp.square(offset.astype(jnp.float32)) / (2.0 * jnp.square(sigma)))
     norm = jnp.sum(
         jnp.exp(
@@ -185,16 +239,28 @@ def _blur_matrix(size: int, sigma: jax.Array, kernel_size: int) -> jax.Array:
     return jnp.where(jnp.abs(offset) <= radius, taps, 0.0) / norm
 
 
-def gaussian_blur(image: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array:
-    """dm_pix.gaussian_blur's result ([H, W, C], zero 'SAME' padding) as two matmuls.
+def gaussian_blur(
+    image: jax.Array, sigma: jax.Array, kernel_size: int, padding: str = "zero"
+) -> jax.Array:
+    """dm_pix.gaussian_blur's result ([H, W, C], zero 'SAME' padding) as two matmuls; padding
+    "edge" repeats the border pixels outwards instead (PIL's GaussianBlur, scipy's 'nearest').
 
     Under vmap dm_pix's per-image kernels become a grouped convolution that took 11% of the
     ResNet-50 step on an H200; banded matmuls run on the tensor cores instead.
     """
     height, width = image.shape[0], image.shape[1]
-    rows = _blur_matrix(height, sigma, kernel_size)
-    cols = _blur_matrix(width, sigma, kernel_size)
+    padded = padding == "edge"
+    if padded:
+        radius = kernel_size // 2
+        image = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    rows = _blur_matrix(height, sigma, kernel_size, padded)
+    cols = _blur_matrix(width, sigma, kernel_size, padded)
     return jnp.einsum("yi,ixc,xj->yjc", rows, image, cols.T)
+
+
+def pil_blur_kernel_size(sigma_max: float) -> int:
+    """Odd taps covering +-3 sigma_max (PIL's three box passes reach about 2.6 sigma), >= 3."""
+    return 2 * max(1, math.ceil(3.0 * sigma_max)) + 1
 
 
 def apply_params(image: jax.Array, params: AugmentParams, config: AugmentConfig) -> jax.Array:
@@ -211,11 +277,14 @@ def apply_params(image: jax.Array, params: AugmentParams, config: AugmentConfig)
         gray = dm_pix.rgb_to_grayscale(image, keep_dims=True)
         image = jnp.where(params.apply_grayscale, gray, image)
     if config.blur_prob > 0:
-        kernel_size = blur_kernel_size(image.shape[0], image.shape[1])
-        # Zero ('SAME') padding darkens a thin border, as in BYOL's own blur.
+        if config.blur_padding == "edge":  # PIL: a kernel in pixels, whatever the image size
+            kernel_size = pil_blur_kernel_size(config.blur_sigma[1])
+        else:
+            kernel_size = blur_kernel_size(image.shape[0], image.shape[1])
+        # Zero ('SAME') padding darkens a thin border, as in BYOL's own blur; PIL extends edges.
         image = jax.lax.cond(
             params.apply_blur,
-            lambda x: gaussian_blur(x, params.blur_sigma, kernel_size),
+            lambda x: gaussian_blur(x, params.blur_sigma, kernel_size, config.blur_padding),
             _identity,
             image,
         )

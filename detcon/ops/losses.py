@@ -243,11 +243,13 @@ def detco_loss(
     *,
     temperature: float = 0.2,
 ) -> jax.Array:
-    """DetCo loss, a scalar: sum over stages of w_s * mean(MoCo g-g, l-g, l-l); features [S, B, D].
+    """DetCo's Eq. 1, a scalar: sum_s w_s (L_g-g + L_l-g + L_l-l); features [S, B, D].
 
     Per stage s: global query vs global key (global queue), local query vs global key
     (global queue), local query vs local key (local queue); queues [S, K, D], weights [S].
-    A local feature is the 9 patch features of a view jointly projected to one vector.
+    A local feature is the 9 patch features of a view jointly projected to one vector. The
+    three terms are summed, not averaged: the stage weights 0.1/0.4/0.7/1.0 come with the sum
+    (paper Eq. 1; shuuchen/DetCo.pytorch main_detco.py adds the terms).
     """
     q_global, q_local, k_global, k_local = (
         l2_normalize(x.astype(jnp.float32)) for x in (q_global, q_local, k_global, k_local)
@@ -259,7 +261,7 @@ def detco_loss(
             _queue_info_nce(qg, kg, queue_g, temperature)
             + _queue_info_nce(ql, kg, queue_g, temperature)
             + _queue_info_nce(ql, kl, queue_l, temperature)
-        ) / 3.0
+        )
 
     per_stage = jax.vmap(stage_loss)(
         q_global, q_local, k_global, k_local, global_queues, local_queues

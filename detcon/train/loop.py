@@ -123,6 +123,8 @@ def real_batches(
         with_masks=needs.masks,
         crop_min_area=config.data.crop_min_area,
         num_regions=needs.num_regions,
+        crop_sampler=config.data.crop_sampler,
+        jigsaw_size=needs.jigsaw_size,
     )
     index = _local_indices(local_devices, per_device)
     for batch in batches:
