@@ -103,8 +103,8 @@ def main(argv: list[str]) -> None:
         workdir = workdir or tempfile.mkdtemp(prefix="detcon_is_test_")
     if not workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there).")
-    from detcon.train.loop import compilation_cache
-    from detcon.train.loop import loop as train_loop
+    from detcon.train import compilation_cache
+    from detcon.train import loop as train_loop
 
     compilation_cache.enable(config.training.compilation_cache)
     logging.info("Config:\n%s", config)

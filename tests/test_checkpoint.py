@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from detcon.train.loop import optim
+from detcon.train import optim
 from detcon.train.state import TrainState
 from detcon.workdir import checkpoint
 

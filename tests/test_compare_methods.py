@@ -12,8 +12,8 @@ from detcon import methods as methods_lib
 from detcon.data.build import scene_render, scenes
 from detcon.study import budget as budget_lib
 from detcon.study import compare, report, runner
-from detcon.train.loop import loop as train_loop
-from detcon.train.loop import optim
+from detcon.train import loop as train_loop
+from detcon.train import optim
 
 
 def test_every_method_gets_the_same_budget_and_keeps_its_recipe():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from detcon.train.loop import compilation_cache
+from detcon.train import compilation_cache
 
 _KEYS = (
     "jax_enable_compilation_cache",

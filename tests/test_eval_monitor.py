@@ -8,7 +8,7 @@ import pytest
 
 from detcon.data import labelled
 from detcon.evaluation import features, monitor, protocols
-from detcon.train.loop import loop as train_loop
+from detcon.train import loop as train_loop
 
 from conftest import tiny_config
 from eval_fixtures import write_tfrecords

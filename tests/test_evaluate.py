@@ -118,8 +118,8 @@ def test_checkpoint_torso_matches_training_network(tmp_path, records):
     """The evaluated torso of a trained checkpoint gives the training network's pooled features."""
     from detcon.models import heads as model_lib
     from detcon.ops import augment
-    from detcon.train.loop import experiment as experiment_lib
-    from detcon.train.loop import loop as train_loop
+    from detcon.train import experiment as experiment_lib
+    from detcon.train import loop as train_loop
     from detcon.workdir import checkpoint as checkpoint_lib
 
     config = tiny_config(batch_size=8, image_size=32)

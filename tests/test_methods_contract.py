@@ -8,10 +8,10 @@ import pytest
 
 from detcon import devices as devices_lib
 from detcon import methods
-from detcon.train.loop import experiment as experiment_lib
-from detcon.train.loop import loop as train_loop
-from detcon.train.loop import mock_data
-from detcon.train.loop import step as step_lib
+from detcon.train import experiment as experiment_lib
+from detcon.train import loop as train_loop
+from detcon.train import mock_data
+from detcon.train import step as step_lib
 from detcon.weights import export
 from detcon.workdir import checkpoint as checkpoint_lib
 

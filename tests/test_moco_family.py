@@ -15,9 +15,9 @@ from detcon import methods
 from detcon.models import heads as model_lib
 from detcon.models import moco_heads, networks
 from detcon.ops import losses, queues, shuffle_bn
-from detcon.train.loop import experiment as experiment_lib
-from detcon.train.loop import mock_data
-from detcon.train.loop import step as step_lib
+from detcon.train import experiment as experiment_lib
+from detcon.train import mock_data
+from detcon.train import step as step_lib
 from detcon.weights import export
 from detcon.workdir import checkpoint as checkpoint_lib
 

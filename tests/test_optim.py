@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from detcon.methods.base import target_ema
-from detcon.train.loop import optim
+from detcon.train import optim
 
 
 def _haiku_params(rng: np.random.Generator) -> dict:

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from detcon.train.loop import experiment as experiment_lib
-from detcon.train.loop import mock_data
-from detcon.train.loop import state as state_lib
+from detcon.train import experiment as experiment_lib
+from detcon.train import mock_data
+from detcon.train import state as state_lib
 
 from conftest import tiny_config
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from detcon import errors
 from detcon.data.build import image_folder, mask_job
-from detcon.train.loop import loop as train_loop
+from detcon.train import loop as train_loop
 from detcon.weights import export
 from detcon.workdir import checkpoint as checkpoint_lib
 from detcon.workdir import finite
@@ -74,7 +74,7 @@ def _copy(workdir: str, tmp_path) -> str:
 def test_non_finite_state_is_never_saved(tmp_path):
     import jax
 
-    from detcon.train.loop import experiment as experiment_lib
+    from detcon.train import experiment as experiment_lib
 
     config = _config(1)
     state = experiment_lib.build(config, 1).init_state(jax.random.PRNGKey(0))

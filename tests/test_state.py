@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from detcon.train.loop import experiment as experiment_lib
+from detcon.train import experiment as experiment_lib
 
 from conftest import tiny_config
 

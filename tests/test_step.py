@@ -8,9 +8,9 @@ import pytest
 from detcon import devices as devices_lib
 from detcon import methods
 from detcon.methods.base import target_ema
-from detcon.train.loop import experiment as experiment_lib
-from detcon.train.loop import mock_data, optim
-from detcon.train.loop import step as step_lib
+from detcon.train import experiment as experiment_lib
+from detcon.train import mock_data, optim
+from detcon.train import step as step_lib
 
 from conftest import load_config, tiny_config
 

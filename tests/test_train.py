@@ -9,7 +9,7 @@ import chex
 import numpy as np
 import pytest
 
-from detcon.train.loop import loop as train_loop
+from detcon.train import loop as train_loop
 from detcon.workdir import checkpoint as checkpoint_lib
 
 from conftest import REPO, logged, tiny_config
@@ -203,7 +203,7 @@ def test_incomplete_init_checkpoint_is_refused(tmp_path):
     """A torso checkpoint that leaves weights unfilled must not start a run silently."""
     import jax
 
-    from detcon.train.loop import experiment as experiment_lib
+    from detcon.train import experiment as experiment_lib
 
     config = _config(1)
     state = experiment_lib.build(config, 1).init_state(jax.random.PRNGKey(0))

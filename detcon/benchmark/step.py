@@ -14,9 +14,9 @@ from detcon import devices as devices_lib
 from detcon import methods as methods_lib
 from detcon.benchmark import flops as flops_lib
 from detcon.benchmark import machine
-from detcon.train.loop import experiment as experiment_lib
-from detcon.train.loop import mock_data
-from detcon.train.loop import step as step_lib
+from detcon.train import experiment as experiment_lib
+from detcon.train import mock_data
+from detcon.train import step as step_lib
 
 # The schedules depend on the run length; any value works for timing.
 TOTAL_STEPS = 1000

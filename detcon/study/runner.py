@@ -18,7 +18,7 @@ from detcon.data import labelled
 from detcon.evaluation import features, protocols
 from detcon.study import budget as budget_lib
 from detcon.study import report
-from detcon.train.loop import loop as train_loop
+from detcon.train import loop as train_loop
 from detcon.weights import torso as torso_lib
 
 RANDOM_INIT = "random_init"

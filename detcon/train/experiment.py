@@ -8,9 +8,9 @@ import ml_collections
 import optax
 
 from detcon import methods as methods_lib
-from detcon.train.loop import optim
-from detcon.train.loop import state as state_lib
-from detcon.train.loop import step as step_lib
+from detcon.train import optim
+from detcon.train import state as state_lib
+from detcon.train import step as step_lib
 
 
 class Experiment(NamedTuple):

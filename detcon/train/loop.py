@@ -13,10 +13,10 @@ from absl import logging
 from detcon import devices as devices_lib
 from detcon import errors
 from detcon import methods as methods_lib
-from detcon.train.loop import dataset_fit, mock_data
-from detcon.train.loop import experiment as experiment_lib
-from detcon.train.loop import state as state_lib
-from detcon.train.loop import step as step_lib
+from detcon.train import dataset_fit, mock_data
+from detcon.train import experiment as experiment_lib
+from detcon.train import state as state_lib
+from detcon.train import step as step_lib
 from detcon.workdir import checkpoint as checkpoint_lib
 from detcon.workdir import lock as workdir_lock
 from detcon.workdir import metrics as metrics_lib
