@@ -148,7 +148,7 @@ def _haiku_detector(seed: int = 0):
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
     pad_mask = np.ones((2, SIZE, SIZE), bool)
-    pad_mask[1, :, 40:] = False  # image 1 is 40 px wide: its last feature column is padding
+    pad_mask[1, :, 24:] = False  # image 1 is 24 px wide: feature column 1 (pixel 32) is padding
     images[~pad_mask] = 0.0
     crops = rng.normal(size=(2, 3, 32, 32, 3)).astype(np.float32)
     inputs = detr.DetectorInputs(
@@ -180,7 +180,7 @@ def test_detr_export_loads_strictly_and_reproduces_the_detector():
     assert not any(k.endswith("num_batches_tracked") for k in sd)  # FrozenBatchNorm2d
     assert "backbone.0.body.layer4.0.downsample.1.running_var" in sd
     head = _DETRHead(networks.stage_channels(DEPTH)[3], D, HEADS, FFN, ENC, DEC, QUERIES, CLASSES)
-    head_sd = {k: torch.from_numpy(v) for k, v in sd.items() if not k.startswith("backbone.")}
+    head_sd = {k: torch.tensor(v) for k, v in sd.items() if not k.startswith("backbone.")}
     head.load_state_dict(head_sd, strict=True)  # every key and shape, nothing left over
     head.eval()
 
@@ -188,7 +188,7 @@ def test_detr_export_loads_strictly_and_reproduces_the_detector():
     torso_params = {k: v for k, v in params.items() if k.startswith("res_net")}
     torso_state = {k: v for k, v in state.items() if k.startswith("res_net")}
     c5, _ = torso.apply(torso_params, torso_state, None, inputs.images, is_training=False)
-    c5 = np.asarray(c5)
+    c5 = np.array(c5)
     valid = np.asarray(detr.feature_mask(inputs.pad_mask, c5.shape[1], c5.shape[2]))
     assert not valid[1].all() and valid[0].all()
     with torch.no_grad():

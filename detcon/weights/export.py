@@ -192,7 +192,7 @@ def _attention(params: Params, module: str, prefix: str) -> dict[str, np.ndarray
 def _count(params: Params, stem: str) -> int:
     """How many modules `stem`0, `stem`1, ... the tree holds (their sub-modules included)."""
     n = 0
-    while any(m.startswith(f"{stem}{n}/") for m in params):
+    while any(m == f"{stem}{n}" or m.startswith(f"{stem}{n}/") for m in params):
         n += 1
     return n
 
