@@ -80,14 +80,6 @@ class DETReg(base.Method):
     def data_needs(cls, config: ml_collections.ConfigDict) -> base.DataNeeds:
         return base.DataNeeds(masks=False, num_regions=config.detreg.num_regions)
 
-    @classmethod
-    def resize(cls, settings: ml_collections.ConfigDict, sizes: base.HeadSizes) -> None:
-        """Widths by `sizes`; a small run also keeps two encoder and two decoder layers (an
-        auxiliary layer still checked) so that its step compiles in a CPU test's time."""
-        super().resize(settings, sizes)
-        settings.num_encoder_layers = min(settings.num_encoder_layers, 2)
-        settings.num_decoder_layers = min(settings.num_decoder_layers, 2)
-
     def transformer_config(self) -> detr.TransformerConfig:
         s = self.settings
         return detr.TransformerConfig(
