@@ -28,6 +28,13 @@ else
       && echo "[setup] installed optional torch (CPU)" \
       || echo "[setup] optional torch CPU build not reachable: export test against PyTorch will be skipped"
   fi
+  # Optional: OpenCV's contrib build, to compare our region priors with its selective search
+  # (scripts/compare_region_priors.py, tests/test_region_priors.py); skipped with a reason if absent.
+  if [ "${DETCON_SKIP_OPENCV:-0}" != 1 ]; then
+    "${PIP[@]}" install --quiet --only-binary=:all: "opencv-contrib-python-headless==5.1.0.95" 2>/dev/null \
+      && echo "[setup] installed optional opencv-contrib-python-headless" \
+      || echo "[setup] optional opencv-contrib-python-headless not reachable: OpenCV comparisons will be skipped"
+  fi
   "${PIP[@]}" install --quiet --no-deps -e . 
   echo "$want" > "$stamp"
 fi

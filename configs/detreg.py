@@ -1,8 +1,8 @@
 """DETReg, DETR variant (Bar et al., CVPR 2022): the official ImageNet recipe
 (amirbar/DETReg configs/DETReg_top30_in_detr.sh) on a frozen detcon torso.
 
-Run (records with region priors, from the data side's `--region_priors` builders):
-  python -m detcon.main_loop --config=configs/detreg.py --dataset_directory=/data/imagenet-rp \
+Run (records with region priors: scripts/generate_fh_masks.py --region_priors):
+  python -m detcon.main_loop --config=configs/detreg.py --dataset_directory=/data/imagenet-fh-ss \
       --config.detreg.backbone_checkpoint=/ckpt/detcon_b --workdir=/ckpt/detreg
 Smoke run on synthetic data (random frozen torso):
   python -m detcon.main_loop --config=configs/detreg.py --mock_data --max_steps=2 \

@@ -2,13 +2,32 @@
 
 import copy
 import functools
+import logging
 import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
+# JAX's backend probing (libtpu, CUDA) and orbax's per-file lines are INFO chatter in a run's log.
+_QUIET_LOGGERS = ("jax._src.xla_bridge", "orbax", "absl.orbax")
+
+
+def _not_library_info(record: logging.LogRecord) -> bool:
+    """False for INFO (and lower) records of orbax or JAX's backend probing; warnings pass."""
+    if record.levelno > logging.INFO:
+        return True
+    return "/orbax/" not in record.pathname and "xla_bridge" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Silences library INFO lines (numerics untouched; TensorFlow's: see detcon.data)."""
+    absl_logging.get_absl_handler().addFilter(_not_library_info)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def fail(message: str, exit_code: int = 2) -> NoReturn:
@@ -51,12 +70,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:
         fail(str(error))
     except (KeyError, AttributeError) as error:
-        # ml_collections raises these (with a did-you-mean hint) for an unknown --config.<field>.
-        cause = (
-            error.__context__ if isinstance(error, AttributeError) and error.__context__ else error
-        )
-        field = str(cause.args[0] if cause.args else cause).strip("\"'")
-        fail(f"a --config.<group>.<field> override names no field of the config: {field}")
+        fail_unknown_field(error)
+
+
+def fail_unknown_field(error: BaseException) -> NoReturn:
+    """One line for ml_collections' KeyError/AttributeError (with a did-you-mean hint) on an
+    unknown --config.<field>."""
+    cause = error.__context__ if isinstance(error, AttributeError) and error.__context__ else error
+    field = str(cause.args[0] if cause.args else cause).strip("\"'")
+    fail(f"a --config.<group>.<field> override names no field of the config: {field}")
+
+
+def config_value(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
+    """The value of a config-file flag; overrides of the default file (no --config given) apply
+    only here, so their unknown-field errors are made one line here too."""
+    try:
+        return holder.value
+    except (KeyError, AttributeError) as error:
+        fail_unknown_field(error)
 
 
 def override_config(

@@ -31,6 +31,10 @@ class DatasetMismatchError(RunStopped):
     """The dataset does not fit the config (e.g. more classes than the linear probe has)."""
 
 
+class DamagedDataError(RunStopped):
+    """A dataset file is cut short or corrupt (the message names it and how to rewrite it)."""
+
+
 class WorkdirLockedError(RunStopped):
     """Another live run writes to the same workdir."""
 

@@ -12,11 +12,13 @@ The results file maps each protocol to its metrics and settings: {"knn": {"top1"
 
 import json
 import os
-from typing import Any
+import signal
+from typing import Any, Callable, Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from detcon import cli, errors
 from detcon.evaluation import options as options_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,7 +58,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("output", None, "Results JSON path (written atomically).")
 # The probes' own settings: one flag per field of detcon.evaluation.options.Options.
-options_lib.define_flags(image_size=0, seg_label_size=0)
+options_lib.define_flags(image_size=0, seg_label_size=0, seg_image_size=0)
 FLAGS = flags.FLAGS
 
 
@@ -96,12 +98,39 @@ def load_torso(
     return loaded.torso, loaded.config
 
 
-def run(torso: Any, protocol_names: list[str], options: Any) -> dict[str, dict]:
-    """Runs each named protocol on the frozen torso; returns {protocol: metrics and settings}."""
+def run(
+    torso: Any,
+    protocol_names: list[str],
+    options: Any,
+    on_result: Optional[Callable[[str, dict], None]] = None,
+) -> dict[str, dict]:
+    """Runs each named protocol on the frozen torso; returns {protocol: metrics and settings}.
+
+    on_result(name, metrics) is called as each protocol finishes (e.g. to save it at once).
+    """
     from detcon.evaluation import protocols
 
     subject = protocols.Subject(torso)
-    return {name: protocols.get(name).run(subject, options) for name in protocol_names}
+    results = {}
+    for name in protocol_names:
+        logging.info("%s: running (%d of %d)", name, len(results) + 1, len(protocol_names))
+        results[name] = protocols.get(name).run(subject, options)
+        if on_result is not None:
+            on_result(name, results[name])
+    return results
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived during evaluation."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+def _raise_interrupted(signal_number: int, frame: object) -> None:
+    del frame
+    raise Interrupted(signal_number)
 
 
 def summary_line(results: dict[str, dict]) -> str:
@@ -147,12 +176,15 @@ def _check_flags() -> None:
     needs_root = not all(protocols.get(n).needs_labelled_images for n in names)
     if needs_root and not (FLAGS.segmentation_directory or FLAGS.dataset_directory):
         raise app.UsageError("--protocol=segmentation needs --dataset_directory (VOC layout).")
-    if FLAGS.seg_image_size % 32 or FLAGS.seg_image_size < 32:
+    if FLAGS.seg_image_size % 32 or FLAGS.seg_image_size < 0:
         raise app.UsageError(
-            f"--seg_image_size={FLAGS.seg_image_size} must be a positive multiple of 32."
+            f"--seg_image_size={FLAGS.seg_image_size} must be a positive multiple of 32 "
+            "(0: fit the dataset's images)."
         )
     if FLAGS.seg_label_size < 0 or (
-        FLAGS.seg_label_size and FLAGS.seg_image_size % FLAGS.seg_label_size
+        FLAGS.seg_label_size
+        and FLAGS.seg_image_size
+        and FLAGS.seg_image_size % FLAGS.seg_label_size
     ):
         raise app.UsageError(
             f"--seg_label_size={FLAGS.seg_label_size} must divide "
@@ -162,12 +194,56 @@ def _check_flags() -> None:
         raise app.UsageError("--batch_size, --seg_batch_size and --knn_k must be >= 1.")
 
 
+def _seg_image_size(protocol_names: list[str]) -> int:
+    """--seg_image_size, or (0) the size that fits the VOC root's training images."""
+    if FLAGS.seg_image_size or "segmentation" not in protocol_names:
+        return FLAGS.seg_image_size or options_lib.Options.seg_image_size
+    from detcon.evaluation import voc
+
+    size = voc.fitting_image_size(FLAGS.segmentation_directory or FLAGS.dataset_directory)
+    logging.info("segmentation input size %d px (fits the dataset; --seg_image_size sets it)", size)
+    return size
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _check_flags()
     if FLAGS.checkpoint and not os.path.exists(FLAGS.checkpoint):
         raise app.UsageError(f"--checkpoint={FLAGS.checkpoint} does not exist.")
+    names = parse_protocols(FLAGS.protocol)
+    cli.quiet_library_logs()
+    document: dict[str, Any] = {}
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for number in previous:
+            signal.signal(number, _raise_interrupted)
+        _evaluate(names, document)
+    except Interrupted as stop:
+        finished = [n for n in names if n in document]
+        left = [n for n in names if n not in document]
+        if document:
+            write_results(FLAGS.output, {**document, "unfinished": left})
+        cli.fail(
+            f"stopped by {stop}; "
+            + (
+                f"kept {','.join(finished)} in {FLAGS.output}; "
+                if finished
+                else "nothing finished; "
+            )
+            + f"run again with --protocol={','.join(left)} to finish",
+            128 + stop.signal_number,
+        )
+    except (ValueError, FileNotFoundError, errors.RunStopped) as error:
+        # These carry a message meant for the user (a bad checkpoint, a dataset without labels).
+        cli.fail(str(error), 1)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _evaluate(names: list[str], document: dict[str, Any]) -> None:
+    """Loads the torso and runs `names`, writing `document` to --output after each protocol."""
     from detcon.data import labelled
 
     torso, pretrain_config = load_torso(
@@ -186,17 +262,24 @@ def main(argv: list[str]) -> None:
         tfds_train_split=FLAGS.tfds_train_split,
         tfds_eval_split=FLAGS.tfds_eval_split,
     )
-    options = options_lib.from_flags(source, image_size=image_size)
-    results = run(torso, parse_protocols(FLAGS.protocol), options)
-    document = {
+    options = options_lib.from_flags(
+        source, image_size=image_size, seg_image_size=_seg_image_size(names)
+    )
+    header = {
         "checkpoint": os.path.abspath(FLAGS.checkpoint) if FLAGS.checkpoint else None,
         "random_init": FLAGS.random_init,
         "network": FLAGS.network,
         "method": pretrain_config.get("method"),
         "model": {"depth": torso.depth, "width_multiplier": torso.width_multiplier},
-        **results,
     }
-    write_results(FLAGS.output, document)
+
+    def save(name: str, metrics: dict) -> None:
+        document.update(header)
+        document[name] = metrics
+        write_results(FLAGS.output, document)
+        logging.info("%s finished -> %s", name, FLAGS.output)
+
+    results = run(torso, names, options, on_result=save)
     line = summary_line(results)
     logging.info("%s -> %s", line, FLAGS.output)
     print(f"{line} -> {FLAGS.output}", flush=True)

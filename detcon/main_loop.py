@@ -7,6 +7,7 @@
 """
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -18,9 +19,12 @@ from detcon import cli, errors
 _DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "detcon_b.py"
 )
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file (ml_collections)."
-)
+try:  # without --config, ml_collections applies --config.<field> overrides here, at definition
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Config file (ml_collections)."
+    )
+except (KeyError, AttributeError) as error:
+    cli.fail_unknown_field(error)
 # The official release's flags; when given they override the config.
 flags.DEFINE_string(
     "dataset_directory", None, "TFRecords with FH masks (scripts/generate_fh_masks.py)."
@@ -75,17 +79,29 @@ def _initialise_distributed() -> None:
         jax.distributed.initialize()  # JAX reads the cluster from the environment
 
 
-def _quiet_library_info(record) -> bool:
-    """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
-    return record.levelno > 20 or "/orbax/" not in record.pathname
+def _next_step(config, workdir: str, result: dict[str, float]) -> str:
+    """One line: how the run ended and the command to run next (evaluate, export)."""
+    last = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k in ("loss", "top1"))
+    done = f"Done: {last} " if last else "Done "
+    if config.training.mock_data:
+        follow = (
+            f"export the torso with: python scripts/export_checkpoint.py --checkpoint={workdir} "
+            f"--format=npz --output={os.path.join(workdir, 'torso')}"
+        )
+    else:
+        follow = (
+            f"evaluate with: python -m detcon.evaluate --checkpoint={workdir} --protocol=knn "
+            f"--dataset_directory=DIR --output={os.path.join(workdir, 'eval.json')}"
+        )
+    return f"{done}(workdir {workdir}); {follow}"
 
 
 @cli.one_line_usage_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_quiet_library_info)
-    config = _CONFIG.value
+    cli.quiet_library_logs()
+    config = cli.config_value(_CONFIG)
     if FLAGS.is_test:
         from configs import is_test
 
@@ -97,23 +113,40 @@ def main(argv: list[str]) -> None:
     _initialise_distributed()
     import jax  # after distributed init
 
+    temporary = None
     if FLAGS.is_test:
         devices = jax.device_count()  # 4, or one example per device where there are more
         config.training.batch_size = -(-config.training.batch_size // devices) * devices
-        workdir = workdir or tempfile.mkdtemp(prefix="detcon_is_test_")
+        if not workdir:  # a smoke test leaves nothing behind (a ResNet-50 checkpoint is ~400 MB)
+            workdir = temporary = tempfile.mkdtemp(prefix="detcon_is_test_")
     if not workdir:
         raise app.UsageError("--workdir is required (checkpoints, metrics and logs go there).")
     from detcon.train import compilation_cache
     from detcon.train import loop as train_loop
 
+    try:
+        train_loop.check_names(config)  # a user mistake: a usage error before any work
+    except errors.ConfigError as error:
+        cli.fail(str(error), 2)
     compilation_cache.enable(config.training.compilation_cache)
-    logging.info("Config:\n%s", config)
     try:
         result = train_loop.run(config, workdir)
+    except errors.ConfigError as error:
+        cli.fail(str(error), 2)
     except (errors.RunStopped, FileNotFoundError) as error:
         logging.error("%s", error)  # the message says what happened and what to do; no traceback
         sys.exit(getattr(error, "exit_code", 1))
-    logging.info("Done: %s (workdir %s)", {k: round(v, 4) for k, v in result.items()}, workdir)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    if temporary is not None:
+        logging.info("Smoke test passed: %s (temporary workdir removed).", _round(result))
+    else:
+        logging.info("%s", _next_step(config, workdir, result))
+
+
+def _round(result: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in result.items()}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ r"""Pretrains every registered method under one budget on the scenes and compare
     python scripts/compare_methods.py --output_directory=/tmp/study    # ~26 min on 2 CPU cores
     python scripts/compare_methods.py --output_directory=/tmp/study_big --methods=byol,detcon_b \
         --steps=1000 --batch_size=128 --depth=18 --image_size=128
+    python scripts/compare_methods.py --output_directory=/tmp/curves --methods=detcon_b,byol \
+        --steps=400 --eval_at_steps=0,100,200,400 --seeds=0,1,2     # curves, mean ± std
 
 Builds the scenes under --scenes_directory if missing (scripts/make_scenes.py's defaults), trains
 each method into <output>/runs/<method>, probes its online torso (kNN on the single-object split,
@@ -20,9 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+from detcon import cli, errors
 from detcon.data.build import scenes
 from detcon.study import budget as budget_lib
-from detcon.study import compare
+from detcon.study import compare, runner
+from detcon.study import stop as study_stop
 
 _DEFAULT = budget_lib.Budget()
 _OUTPUT = flags.DEFINE_string("output_directory", None, "Where runs, results and reports go.")
@@ -54,7 +58,22 @@ _HORIZON = flags.DEFINE_float(
     _DEFAULT.target_horizon,
     "> 0: cap every target EMA / key momentum m so that 1/(1-m) <= this x --steps (0: recipes').",
 )
-_SEED = flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed of the scenes, training and probes.")
+_SEED = flags.DEFINE_integer(
+    "seed", _DEFAULT.seed, "Seed of the scenes (and of training and probes without --seeds)."
+)
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    [],
+    "Training and probe seeds, e.g. 0,1,2: every method (and random init) runs "
+    "once per seed; tables give mean ± std (default: --seed).",
+)
+_EVAL_AT = flags.DEFINE_list(
+    "eval_at_steps",
+    [],
+    "Pretraining steps at which each run's online torso is probed, e.g. "
+    "0,100,300,1000 (0: the method's own initialisation; the last step always). Writes each "
+    "entry's `curve` and curves.png.",
+)
 _SEG_SIZE = flags.DEFINE_integer(
     "seg_image_size",
     256,
@@ -71,6 +90,14 @@ _SEG_EPOCHS = flags.DEFINE_integer("seg_epochs", 30, "Epochs of the segmentation
 
 
 def main(argv: list[str]) -> None:
+    try:
+        with study_stop.stop_on_signals():
+            _main(argv)
+    except errors.Preempted as stop:
+        cli.fail(study_stop.resume_hint(os.path.abspath(_OUTPUT.value), stop), stop.exit_code)
+
+
+def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _SEG_SIZE.value < 32 or _SEG_SIZE.value % 32:
@@ -90,6 +117,9 @@ def main(argv: list[str]) -> None:
             seed=_SEED.value,
         )
         methods = compare.check_methods(_METHODS.value)
+        seeds = [int(s) for s in _SEEDS.value] or [_SEED.value]
+        eval_at_steps = [int(s) for s in _EVAL_AT.value]
+        runner.check_eval_steps(budget.steps, eval_at_steps)
         spec = scenes.SceneDatasetSpec(seed=_SEED.value)
         compare.seg_label_side(_SEG_SIZE.value, _SEG_LABEL_SIZE.value, spec)
     except ValueError as error:
@@ -105,6 +135,8 @@ def main(argv: list[str]) -> None:
         seg_image_size=_SEG_SIZE.value,
         seg_label_size=_SEG_LABEL_SIZE.value,
         seg_epochs=_SEG_EPOCHS.value,
+        seeds=seeds,
+        eval_at_steps=eval_at_steps,
     )
     print(open(os.path.join(output, compare.TABLE_NAME)).read())
     print(

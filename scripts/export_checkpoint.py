@@ -127,7 +127,9 @@ def main(argv: list[str]) -> None:
         written = export.export_torso(params, state, depth, _FORMAT.value, _OUTPUT.value, metadata)
     except (ValueError, KeyError, FileNotFoundError) as e:
         # These carry a message meant for the user; a traceback would only bury it.
-        raise SystemExit(f"export_checkpoint: error: {e.args[0] if e.args else e}") from e
+        # An OSError's args[0] is its errno ("error: 2"): show its whole text instead.
+        text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise SystemExit(f"export_checkpoint: error: {text}") from e
     for p in written:
         print(f"wrote {p} ({os.path.getsize(p) / 2**20:.1f} MiB)")
     if _FORMAT.value == "torchvision" and not written[-1].endswith(".pth"):

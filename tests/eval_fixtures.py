@@ -17,9 +17,15 @@ def class_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_tfrecords(
-    directory: str, per_class: dict[str, int], num_classes: int, size: int = 40, seed: int = 0
+    directory: str,
+    per_class: dict[str, int],
+    num_classes: int,
+    size: int = 40,
+    seed: int = 0,
+    labelled: bool = True,
 ) -> None:
-    """train/validation shards in our schema, labels stored 1..num_classes, classes by colour."""
+    """train/validation shards in our schema, labels stored 1..num_classes (0, unlabelled, when
+    not `labelled`), classes by colour."""
     import tensorflow as tf
 
     from detcon.data import image_codec, schema, shards
@@ -38,7 +44,7 @@ def write_tfrecords(
                     width=size,
                     filename=f"{split}_{i}.jpg",
                     segmentations=np.zeros((1, size, size), np.uint8),
-                    label=label + 1,
+                    label=label + 1 if labelled else schema.NO_LABEL,
                 )
                 writer.write(example.SerializeToString())
 

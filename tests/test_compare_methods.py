@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 
+import numpy as np
 import pytest
 
 from detcon import methods as methods_lib
@@ -147,7 +148,67 @@ def test_markdown_table_has_a_row_per_entry_in_column_order():
     assert header == list(report.COLUMNS)
     assert len(lines) == 4
     cells = [cell.strip() for cell in lines[3].strip("|").split("|")]
-    assert cells == ["byol", "no", "10", "80", "1.235", "0.600", "0.300", "0.500", "120"]
+    assert cells == ["byol", "–", "no", "10", "80", "1.235", "0.600", "0.300", "0.500", "120"]
+
+
+def _seed_run(name, seed, miou, knn, steps=(0, 10)):
+    entry = dict(_entry(name, miou, knn), seed=seed, budget={}, probes={}, train_cpu_seconds=1.0)
+    entry["curve"] = [
+        {"step": s, "seed": seed, "seg_miou": miou * s / 10, "knn_top1": knn} for s in steps
+    ]
+    return entry
+
+
+def test_seeds_aggregate_to_mean_and_sample_std_and_tables_show_both():
+    runs = [
+        _seed_run("byol", s, m, k) for s, m, k in ((0, 0.30, 0.6), (1, 0.34, 0.7), (2, 0.32, 0.8))
+    ]
+    entry = compare.aggregate(runs)
+    assert entry["seeds"] == [0, 1, 2] and len(entry["runs"]) == 3 and len(entry["curve"]) == 6
+    assert entry["seg_miou"] == pytest.approx(0.32) and entry["seg_miou_std"] == pytest.approx(0.02)
+    assert entry["knn_top1_std"] == pytest.approx(np.std([0.6, 0.7, 0.8], ddof=1))
+    assert entry["train_seconds"] == pytest.approx(3 * 100.4)
+    row = report.table_row(entry)
+    assert row[1] == "0,1,2" and row[6] == "0.700 ± 0.100" and row[7] == "0.320 ± 0.020"
+
+
+def test_a_win_needs_twice_the_combined_seed_std():
+    def method(name, values):
+        return compare.aggregate([_seed_run(name, s, v, 0.5) for s, v in enumerate(values)])
+
+    a, b = method("detcon_b", [0.50, 0.52, 0.54]), method("byol", [0.40, 0.42, 0.44])
+    # difference 0.10, stds 0.02 each: combined 0.0283, twice that 0.0566 < 0.10: a wins.
+    result = compare.margin(a, b, "seg_miou")
+    assert result["difference"] == pytest.approx(0.10)
+    assert result["combined_std"] == pytest.approx(0.02 * np.sqrt(2))
+    assert result["verdict"] == "detcon_b"
+    assert compare.margin(b, a, "seg_miou")["verdict"] == "detcon_b"
+    close = method("byol", [0.47, 0.52, 0.57])  # std 0.05: 0.02 apart is noise
+    assert compare.margin(a, close, "seg_miou")["verdict"] == "within noise"
+    single = compare.aggregate([_seed_run("byol", 0, 0.1, 0.5)])
+    assert compare.margin(a, single, "seg_miou")["verdict"] == "one seed: no verdict"
+    rows = compare.comparisons([a, b], method("random_init", [0.3, 0.3, 0.3]))
+    assert [(r["a"], r["b"], r["metric"]) for r in rows][:2] == [
+        ("detcon_b", "byol", "seg_miou"),
+        ("detcon_b", "byol", "knn_top1"),
+    ]
+    assert "| detcon_b | byol | seg_miou | +0.1000 |" in report.comparison_table(rows)
+
+
+def test_evaluation_steps_are_checked_and_checkpoints_land_on_them():
+    assert runner.check_eval_steps(1000, [300, 0, 100]) == [0, 100, 300, 1000]
+    assert runner.checkpoint_spacing(1000, [0, 100, 300, 1000]) == 100
+    assert runner.checkpoint_spacing(400, [0, 150, 400]) == 50
+    with pytest.raises(ValueError, match=r"\[1200\] lie outside 0..--steps=1000"):
+        runner.check_eval_steps(1000, [100, 1200])
+    with pytest.raises(ValueError, match="larger common divisor"):
+        runner.check_eval_steps(1000, [1, 999])
+
+
+def test_curves_chart_is_a_png():
+    entries = [compare.aggregate([_seed_run("byol", s, 0.3, 0.6, (0, 5, 10)) for s in (0, 1)])]
+    baseline = compare.aggregate([_seed_run("random_init", s, 0.2, 0.5, (0,)) for s in (0, 1)])
+    assert report.curves_png(entries, baseline, "t")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bar_chart_is_a_png():
@@ -209,19 +270,26 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     kwargs = dict(
         spec=TINY_SPEC, seg_image_size=128, seg_label_size=64, seg_epochs=1, log=lambda _: None
     )
-    document = compare.run(names, budget, str(tmp_path / "scenes"), output, **kwargs)
+    document = compare.run(
+        names, budget, str(tmp_path / "scenes"), output, eval_at_steps=[0, 1], **kwargs
+    )
 
     with open(os.path.join(output, compare.JSON_NAME)) as f:
         assert json.load(f) == json.loads(json.dumps(document))
     assert [e["name"] for e in document["methods"]] == names
+    assert document["seeds"] == [0] and document["eval_at_steps"] == [0, 1, 2]
     for entry in document["methods"]:
-        assert entry["steps"] == 2 and entry["images_seen"] == 16
-        assert [p["step"] for p in entry["loss_curve"]][-1] == 2
-        assert entry["knn_top1"] == entry["knn"]["top1"]
-        assert entry["knn"]["num_eval"] == 6 and entry["segmentation"]["num_eval"] == 4
-        assert entry["segmentation"]["label_size"] == 64
+        (run,) = entry["runs"]
+        assert entry["steps"] == 2 and entry["images_seen"] == 16 and entry["seeds"] == [0]
+        assert [p["step"] for p in run["loss_curve"]][-1] == 2
+        assert entry["knn_top1"] == run["knn"]["top1"]
+        assert run["knn"]["num_eval"] == 6 and run["segmentation"]["num_eval"] == 4
+        assert run["segmentation"]["label_size"] == 64
         assert 0.0 <= entry["seg_miou"] <= 1.0
-        assert os.path.isdir(os.path.join(output, "runs", entry["name"], "checkpoints"))
+        # The probe curve: the method's own init, an intermediate checkpoint, the last step.
+        assert [(p["step"], p["seed"]) for p in entry["curve"]] == [(0, 0), (1, 0), (2, 0)]
+        assert entry["curve"][-1]["seg_miou"] == entry["seg_miou"]
+        assert os.path.isdir(os.path.join(output, "runs", f"{entry['name']}-seed0", "checkpoints"))
     assert [e["needs_masks"] for e in document["methods"]] == [True, False]
     assert document["random_init"]["steps"] == 0
     assert document["beats_random_init_miou"] == {
@@ -229,11 +297,15 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     }
 
     with open(os.path.join(output, compare.TABLE_NAME)) as f:
-        lines = f.read().strip().split("\n")
+        table, comparison = f.read().strip().split("\n\n")
+    lines = table.split("\n")
+    # detcon_b vs byol is absent (no byol here); each method vs random init, on both probes.
+    assert comparison.count("| random_init |") == 2 * len(names)
     assert [c.strip() for c in lines[0].strip("|").split("|")] == list(report.COLUMNS)
     assert [line.split("|")[1].strip() for line in lines[2:]] == names + ["random_init"]
-    with open(os.path.join(output, compare.CHART_NAME), "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in (compare.CHART_NAME, compare.CURVES_NAME):
+        with open(os.path.join(output, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
     # A re-run reuses every finished entry: nothing trains, the numbers are the same.
     def no_training(*args, **kwargs):
@@ -242,7 +314,66 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "run", no_training)
     logged = []
     again = compare.run(
-        names, budget, str(tmp_path / "scenes"), output, **dict(kwargs, log=logged.append)
+        names,
+        budget,
+        str(tmp_path / "scenes"),
+        output,
+        eval_at_steps=[0, 1],
+        **dict(kwargs, log=logged.append),
     )
     assert sum("reusing" in line for line in logged) == 3
     assert [e["seg_miou"] for e in again["methods"]] == [e["seg_miou"] for e in document["methods"]]
+
+
+def test_a_stop_signal_anywhere_in_the_study_is_preempted_with_a_resume_hint(tmp_path):
+    import signal
+
+    from detcon import errors
+    from detcon.study import stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(errors.Preempted) as stopped:
+        with stop.stop_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. while probing: no trainer handler
+            for _ in range(1000):  # the handler runs between bytecodes, not later
+                pass
+            raise AssertionError("the signal was ignored")
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    hint = stop.resume_hint(str(tmp_path), stopped.value)
+    assert hint.startswith("Stopped by SIGTERM. Finished methods are kept in ")
+    assert os.path.join(str(tmp_path), "runs") in hint and hint.endswith("to resume.")
+
+
+@pytest.mark.slow
+def test_sigterm_near_the_end_of_a_method_stops_the_study_which_then_resumes(tmp_path, monkeypatch):
+    """A SIGTERM during the last training step used to be swallowed: the study ran on."""
+    import signal
+
+    from detcon import errors
+    from detcon.study import stop
+
+    output = str(tmp_path / "study")
+    budget = budget_lib.Budget(steps=2, batch_size=8, depth=10, image_size=64)
+    kwargs = dict(
+        spec=TINY_SPEC, seg_image_size=128, seg_label_size=64, seg_epochs=1, log=lambda _: None
+    )
+    real_batches = train_loop.real_batches
+
+    def terminated_in_the_last_step(config, directory, start_step, *args):
+        for index, batch in enumerate(real_batches(config, directory, start_step, *args)):
+            if index == 3:  # two batches are prefetched: batch 3 is drawn for the last step
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(train_loop, "real_batches", terminated_in_the_last_step)
+    with pytest.raises(errors.Preempted) as stopped, stop.stop_on_signals():
+        compare.run(["detcon_b"], budget, str(tmp_path / "scenes"), output, **kwargs)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    run = os.path.join(output, "runs", "detcon_b")
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2"]  # saved, then stopped
+    assert not os.path.exists(runner.result_path(output, "detcon_b"))  # not probed yet
+    monkeypatch.undo()
+    document = compare.run(["detcon_b"], budget, str(tmp_path / "scenes"), output, **kwargs)
+    assert [e["name"] for e in document["methods"]] == ["detcon_b"]
+    assert [p["step"] for p in document["methods"][0]["loss_curve"]][-1] == 2

@@ -1,5 +1,7 @@
 """Mask generation: odd and broken inputs, FH equal to scikit-image, resume, workers, the CLI."""
 
+import dataclasses
+import hashlib
 import io
 import os
 import subprocess
@@ -13,8 +15,8 @@ from PIL import Image
 from skimage import data as skimage_data
 from skimage.segmentation import felzenszwalb
 
-from detcon.data import schema, shards
-from detcon.data.build import image_folder, mask_job
+from detcon.data import image_codec, schema, shards
+from detcon.data.build import image_folder, mask_job, region_priors
 
 _PARAMS = mask_job.FhParams(scales=(100.0,), min_sizes=(20,))
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +146,61 @@ def test_rerun_resumes_without_rewriting_finished_shards(generated, tmp_path):
     assert shards.list_shards(output, "train") == paths  # the stale temporary file is not a shard
 
 
+def test_manifest_records_each_shard_count_size_checksum_and_skips(generated):
+    _, output, expected, _ = generated
+    entries = mask_job.shard_entries(output, "train")
+    paths = shards.list_shards(output, "train")
+    assert sorted(entries) == [os.path.basename(p) for p in paths]
+    for path in paths:
+        entry = entries[os.path.basename(path)]
+        assert entry["records"] == shards.count_records(path) == shards.recorded_count(path)
+        assert entry["bytes"] == os.path.getsize(path)
+        with open(path, "rb") as handle:
+            assert entry["sha256"] == hashlib.sha256(handle.read()).hexdigest()
+    assert sum(e["records"] for e in entries.values()) == expected["good"]
+    skipped = {path for e in entries.values() for path, _ in e["skipped"]}
+    assert skipped == expected["bad"]
+
+
+def test_rerun_rewrites_a_damaged_shard_and_keeps_the_skip_count(generated, tmp_path, caplog):
+    import logging
+    import shutil
+
+    inputs, original, expected, _ = generated
+    output = str(tmp_path / "copy")
+    shutil.copytree(original, output)
+    paths = shards.list_shards(output, "train")
+    with open(paths[2], "rb") as handle:
+        content = handle.read()
+    with open(paths[2], "r+b") as handle:  # a copy cut short (or a full disk)
+        handle.truncate(len(content) - 7)
+    with open(paths[0], "r+b") as handle:  # same size, one byte changed
+        handle.seek(40)
+        byte = handle.read(1)
+        handle.seek(40)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    caplog.set_level(logging.WARNING)
+    summary = _generate(inputs, output)
+    assert summary.shards_rewritten == [paths[0], paths[2]]
+    assert summary.shards_already_complete == 1 and summary.shards_written == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{paths[2]}: " in warned and "rewriting it" in warned and "checksum" in warned
+    with open(paths[2], "rb") as handle:
+        assert handle.read() == content
+    assert {path for path, _ in summary.skipped} == expected["bad"]  # all, kept or rewritten
+    summary = _generate(inputs, output)  # nothing to do: every shard verifies
+    assert summary.shards_already_complete == 3 and not summary.shards_rewritten
+    assert {path for path, _ in summary.skipped} == expected["bad"]
+
+
+def test_default_shard_count_follows_the_input_size():
+    assert mask_job.default_num_shards(19, 2048) == 1
+    assert mask_job.default_num_shards(0, 2048) == 1
+    assert mask_job.default_num_shards(1000, 2048) == 16  # ceil(1000 / 64)
+    assert mask_job.default_num_shards(1_281_167, 2048) == 2048  # ImageNet: the official counts
+    assert mask_job.default_num_shards(50_000, 256) == 256
+
+
 def test_interrupted_shard_leaves_no_partial_file(generated, tmp_path, monkeypatch):
     inputs, _, _, _ = generated
     output = str(tmp_path / "interrupted")
@@ -258,8 +315,7 @@ def test_command_line_runs_over_a_flat_folder(tmp_path):
             f"--train_directory={flat}",
             f"--validation_directory={flat}",
             f"--output_directory={output}",
-            "--train_shards=2",
-            "--validation_shards=1",
+            "--train_shards=2",  # given: used as is, though the default would make 1
             "--fh_scales=100",
             "--fh_min_sizes=20",
             "--num_workers=1",
@@ -271,6 +327,7 @@ def test_command_line_runs_over_a_flat_folder(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "train: wrote 2 images in 2 shards" in result.stdout
+    assert "validation: wrote 2 images in 1 shards" in result.stdout  # the default fits 3 files
     assert "skipped 1 unreadable files" in result.stdout and "c.jpg" in result.stdout
     labels = [
         tf.train.Example.FromString(r.numpy()).features.feature[schema.LABEL].int64_list.value[0]
@@ -415,3 +472,30 @@ def test_workers_die_with_a_killed_parent():
             break
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), workers
+
+
+def test_region_priors_flag_stores_every_records_regions_and_guards_the_output(generated, tmp_path):
+    inputs, output, expected, _ = generated
+    params = dataclasses.replace(_PARAMS, region_priors=True)
+    priors = str(tmp_path / "priors")
+    _generate(inputs, priors, num_shards=1, params=params)
+    assert shards.read_manifest(priors, "train")["region_priors"] is True
+    paths = shards.list_shards(priors, "train")
+    records = list(tf.data.TFRecordDataset(paths).as_numpy_iterator())
+    assert len(records) == expected["good"]
+    for serialized in records:
+        assert schema.has_region_priors(serialized)
+        parsed = schema.parse_record(tf.constant(serialized), with_regions=True)
+        pixels = image_codec.decode_rgb(parsed["encoded"]).numpy()
+        want = region_priors.selective_search(pixels)
+        np.testing.assert_array_equal(parsed["region_boxes"].numpy(), want.boxes)
+        np.testing.assert_array_equal(parsed["region_levels"].numpy(), want.levels)
+    # The default run wrote none; resuming it with the flag would mix records with and without.
+    assert not any(map(schema.has_region_priors, _read_records_bytes(output)))
+    with pytest.raises(ValueError, match="region_priors"):
+        _generate(inputs, output, params=params)
+
+
+def _read_records_bytes(directory: str) -> list[bytes]:
+    paths = shards.list_shards(directory, "train")
+    return list(tf.data.TFRecordDataset(paths).as_numpy_iterator())

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from detcon import errors
 from detcon.data import pipeline, shards
 from detcon.data.build import mask_job, scene_render, scenes, voc
 
@@ -355,3 +356,76 @@ def test_voc_label_png_round_trips_and_a_colour_png_is_refused(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(ValueError, match=r"rgb.png: expected a palette"):
         voc.read_label_png(str(tmp_path / "rgb.png"))
+
+
+def test_coco_instances_load_in_pycocotools_with_the_right_counts(tiny_dataset):
+    coco_api = pytest.importorskip("pycocotools.coco", reason="pycocotools is in requirements.txt")
+    for split, count in (("train", 6), ("val", 4)):
+        dataset = coco_api.COCO(scenes.coco_path(tiny_dataset, split))
+        assert sorted(dataset.getCatIds()) == list(range(1, K + 1))
+        assert [c["name"] for c in dataset.loadCats(dataset.getCatIds())] == scenes.class_names()
+        assert len(dataset.getImgIds()) == count
+        total = 0
+        for index in range(count):
+            scene = scenes.voc_scene(_TINY, split, index)
+            (info,) = dataset.loadImgs(index + 1)
+            assert info["file_name"] == f"{split}_{index:06d}.jpg"
+            assert (info["height"], info["width"]) == scene.class_map.shape
+            annotations = dataset.loadAnns(dataset.getAnnIds(imgIds=index + 1))
+            visible = [
+                i for i in range(1, len(scene.objects) + 1) if (scene.instance_map == i).any()
+            ]
+            assert len(annotations) == len(visible)
+            for annotation, instance in zip(annotations, visible):
+                mask = scene.instance_map == instance
+                np.testing.assert_array_equal(dataset.annToMask(annotation), mask)
+                assert annotation["category_id"] == scene.objects[instance - 1].shape + 1
+                rows, cols = np.nonzero(mask)
+                x, y, w, h = annotation["bbox"]
+                assert (x, y, x + w, y + h) == (
+                    cols.min(),
+                    rows.min(),
+                    cols.max() + 1,
+                    rows.max() + 1,
+                )
+                assert annotation["area"] == mask.sum()
+            total += len(annotations)
+        assert len(dataset.getAnnIds()) == total
+
+
+def test_region_priors_reach_the_detreg_pipeline(tmp_path):
+    spec = dataclasses.replace(
+        _TINY,
+        num_pretrain=3,
+        pretrain_shards=1,
+        num_voc_train=1,
+        num_voc_val=1,
+        num_classification_train=2,
+        num_classification_val=2,
+        classification_shards=1,
+        region_priors=True,
+    )
+    directory = os.path.join(scenes.build(spec, str(tmp_path / "priors")), "pretrain")
+    assert shards.read_manifest(directory, "train")["region_priors"] is True
+    batch = next(
+        pipeline.pretrain_batches(
+            directory,
+            image_size=32,
+            local_devices=1,
+            per_device_batch=3,
+            with_masks=False,
+            num_regions=30,
+            shuffle_buffer=3,
+        )
+    )
+    assert batch["region_boxes"].shape == (1, 3, 30, 4)
+    assert (batch["region_valid"].sum(-1) >= 2).all()
+    # Without the flag the same data is refused by name.
+    plain_root = scenes.build(
+        dataclasses.replace(spec, region_priors=False), str(tmp_path / "plain")
+    )
+    plain = os.path.join(plain_root, "pretrain")
+    with pytest.raises(errors.DatasetMismatchError, match="--region_priors"):
+        pipeline.pretrain_batches(
+            plain, image_size=32, local_devices=1, per_device_batch=3, num_regions=30
+        )

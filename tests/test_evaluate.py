@@ -233,3 +233,99 @@ def test_bad_flags_fail_early(argv, message):
 
     with pytest.raises(app.UsageError, match=message):
         _main(argv)
+
+
+def _random_init(protocols_flag: str, records: str, voc_root: str, output: str) -> list[str]:
+    return [
+        "--random_init",
+        f"--config={CONFIG}",
+        f"--protocol={protocols_flag}",
+        f"--dataset_directory={records}",
+        f"--segmentation_directory={voc_root}",
+        "--seg_epochs=3",
+        "--seg_batch_size=4",
+        f"--output={output}",
+    ] + SMALL
+
+
+def test_progress_for_every_phase_and_a_segmentation_size_that_fits_the_data(
+    records, voc_root, tmp_path, caplog
+):
+    import logging
+
+    from detcon.evaluation import voc
+
+    assert voc.fitting_image_size(voc_root) == 64  # 48 x 64 images
+    output = str(tmp_path / "r.json")
+    caplog.set_level(logging.INFO)
+    _main(_random_init("segmentation", records, voc_root, output) + ["--verbosity=0"])
+    result = json.load(open(output))["segmentation"]
+    assert result["image_size"] == 64 and result["label_size"] == 64
+    lines = [r.getMessage() for r in caplog.records]
+    epochs = [line for line in lines if line.startswith("segmentation head: epoch")]
+    assert [line.split(" loss ")[0] for line in epochs] == [
+        f"segmentation head: epoch {e}/3" for e in (1, 2, 3)
+    ]
+    assert all(float(line.split(" loss ")[1]) > 0 for line in epochs)
+    assert any(line.startswith("segmentation input size 64 px") for line in lines)
+    assert any(line == f"segmentation finished -> {output}" for line in lines)
+
+
+def test_sigterm_keeps_finished_protocols_and_exits_128_plus_signal(
+    records, voc_root, tmp_path, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    from detcon.evaluation import segmentation
+
+    real_train_head = segmentation.train_head
+
+    def terminated_during_the_head(*args, **kwargs):
+        kwargs["on_epoch"] = lambda epoch, loss: os.kill(os.getpid(), signal.SIGTERM)
+        return real_train_head(*args, **kwargs)
+
+    monkeypatch.setattr(segmentation, "train_head", terminated_during_the_head)
+    output = str(tmp_path / "r.json")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        _main(_random_init("knn,segmentation", records, voc_root, output))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    result = json.load(open(output))
+    assert 0.0 <= result["knn"]["top1"] <= 1.0 and "segmentation" not in result
+    assert result["unfinished"] == ["segmentation"]
+    error = _error_lines(capsys.readouterr().err)
+    assert len(error) == 1 and "stopped by SIGTERM; kept knn in " in error[0]
+    assert error[0].endswith("run again with --protocol=segmentation to finish")
+
+
+def _error_lines(stderr: str) -> list[str]:
+    """stderr without the progress bars (carriage-return redraws): no traceback, only errors."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line.split("\r")[-1].strip() for line in stderr.splitlines()]
+    return [line for line in lines if line and "batch/s]" not in line and "batch]" not in line]
+
+
+def test_user_mistakes_after_the_flags_are_one_line(tmp_path, capsys):
+    unlabelled = str(tmp_path / "unlabelled")
+    write_tfrecords(unlabelled, {"train": 2, "validation": 2}, num_classes=2, labelled=False)
+    output = str(tmp_path / "r.json")
+    argv = [
+        "--random_init",
+        f"--config={CONFIG}",
+        "--protocol=knn",
+        f"--dataset_directory={unlabelled}",
+        f"--output={output}",
+    ] + SMALL
+    with pytest.raises(SystemExit) as stopped:
+        _main(argv)
+    assert stopped.value.code == 1
+    error = _error_lines(capsys.readouterr().err)
+    assert len(error) == 1 and "split has no labelled examples" in error[0], error
+    empty = tmp_path / "run" / "checkpoints" / "3"
+    (empty / "state").mkdir(parents=True)  # a step that died before writing anything
+    with pytest.raises(SystemExit):
+        _main(["--checkpoint=" + str(tmp_path / "run"), "--protocol=knn"] + argv[3:5])
+    error = _error_lines(capsys.readouterr().err)
+    assert len(error) == 1 and "No checkpoint under" in error[0], error

@@ -27,6 +27,7 @@ def test_main_loop_trains_a_method_registered_by_its_config_file(tmp_path):
             f"--config={CONFIG}",
             "--mock_data",
             "--max_steps=2",
+            "--log_every_steps=1",  # step 1 is logged however fast it compiles
             "--batch_size=8",
             "--config.model.depth=10",
             "--config.data.image_size=64",

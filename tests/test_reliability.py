@@ -166,7 +166,7 @@ def test_full_disk_is_one_clear_error(six_steps, tmp_path, monkeypatch):
     state = _load_state(workdir, 6)
     from detcon.train.state import TrainState
 
-    with pytest.raises(errors.CheckpointWriteError, match="the disk is full.*resumes from step 6"):
+    with pytest.raises(errors.CheckpointWriteError, match="no space left on .*resumes from step 6"):
         checkpoint_lib.save(manager, TrainState(**state)._replace(step=np.int32(8)), {})
 
 
@@ -369,24 +369,24 @@ def test_zero_batch_is_a_clear_error(tmp_path):
         train_loop.run(config, str(tmp_path))
 
 
+_DEMO = "--config=configs/demo.py"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.training.bogus=1"], "names no field of the config: bogus"),
+        ([_DEMO, "--config.training.bogus=1"], "names no field of the config: bogus"),
         (["--config=configs/nope.py"], "--config=configs/nope.py: no such file"),
-        (["stray"], "Unexpected arguments: ['stray']"),
+        ([_DEMO, "stray"], "Unexpected arguments: ['stray']"),
+        # No --config: the default file's overrides apply lazily, later than flag parsing.
+        (["--config.model.projector_hidden_size=256"], "names no field of the config: "),
+        (["--config=configs/byol.py", "--config.method=simclr"], "no 'simclr' group"),
+        ([_DEMO, "--config.model.depth=19"], "--config.model.depth=19: choose from 10, 18"),
     ],
 )
 def test_command_line_mistakes_are_one_line(args, message, tmp_path):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "detcon.main_loop",
-            "--config=configs/demo.py",
-            f"--workdir={tmp_path}",
-            *args,
-        ],
+        [sys.executable, "-m", "detcon.main_loop", f"--workdir={tmp_path}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -417,3 +417,268 @@ def test_exporter_prints_no_orbax_chatter(six_steps, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "orbax" not in result.stderr.lower(), result.stderr[-2000:]
     assert os.path.exists(tmp_path / "r10.npz")
+
+
+# 12. The newcomer path: extending a run, one-line errors, small data, a quiet console ------------
+
+
+def test_a_longer_run_resumes_and_says_where_the_schedules_end(six_steps, tmp_path, caplog):
+    """6 steps, then the same config with max_steps=8: no consent needed, steps 1..8."""
+    workdir = _copy(six_steps, tmp_path)
+    caplog.set_level(logging.WARNING)
+    train_loop.run(_config(8), workdir)
+    assert _steps(workdir) == list(range(1, 9))
+    lines = [r.getMessage() for r in caplog.records if "schedules now end" in r.getMessage()]
+    assert lines == [
+        "Resuming step 6 with training.max_steps: 6 -> 8; the schedules now end at step 8."
+    ]
+    with open(os.path.join(workdir, train_loop.CONFIG_NAME)) as f:
+        assert json.load(f)["training"]["max_steps"] == 8
+
+
+def test_run_length_and_device_count_changes_are_announced_not_refused(six_steps, tmp_path, caplog):
+    from detcon.workdir import resume
+
+    workdir = _copy(six_steps, tmp_path)
+    meta_path = os.path.join(workdir, "checkpoints", "6", "meta", "metadata")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    assert meta["layout"] == {"devices": 8, "processes": 1}
+    meta["layout"]["devices"] = 4  # as if the run had started on 4 devices
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    config = _config(-1)
+    config.training.pretrain_epochs = 1  # 1000 examples / batch 8: 125 steps, not 6
+    caplog.set_level(logging.WARNING)
+    restored = resume.restore_newest_good(
+        workdir,
+        lambda: checkpoint_lib.make_manager(workdir, 10),
+        _load_state_template(),
+        config,
+        {"devices": 8, "processes": 1},
+    )
+    restored.manager.close()
+    assert int(restored.state.step) == 6
+    assert restored.changes == [
+        "training.max_steps: 6 -> -1",
+        f"training.pretrain_epochs: {_config(6).training.pretrain_epochs} -> 1",
+        "devices: 4 -> 8",
+    ]
+    # The model is still refused, run length or not.
+    config.model.depth = 18
+    with pytest.raises(errors.ConfigChangeError, match="model.depth: 10 -> 18"):
+        resume.restore_newest_good(
+            workdir, lambda: checkpoint_lib.make_manager(workdir, 10), None, config
+        )
+
+
+def _load_state_template():
+    import jax
+
+    from detcon.train import experiment as experiment_lib
+
+    return experiment_lib.build(_config(6), 6).init_state(jax.random.PRNGKey(0))
+
+
+def test_config_names_are_checked_before_anything_runs(tmp_path):
+    config = _config(1)
+    config.method = "simclr"  # the demo config has no simclr group
+    with pytest.raises(errors.ConfigError, match="no 'simclr' group; use --config=configs/simclr"):
+        train_loop.run(config, str(tmp_path))
+    config.method = "nope"
+    with pytest.raises(errors.ConfigError, match="--config.method=nope: .*available: byol"):
+        train_loop.run(config, str(tmp_path))
+    config = _config(1)
+    config.model.depth = 19
+    with pytest.raises(errors.ConfigError, match="depth=19: choose from 10, 18, 34, 50"):
+        train_loop.run(config, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_full_disk_names_device_path_and_free_space_and_hides_library_logs(
+    six_steps, tmp_path, monkeypatch, caplog
+):
+    workdir = _copy(six_steps, tmp_path)
+    manager = checkpoint_lib.make_manager(workdir, 10)
+
+    def no_space(*args, **kwargs):
+        # What tensorstore raises under orbax (not an OSError), after asyncio logged its task.
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device")
+
+    monkeypatch.setattr(manager, "save", no_space)
+    state = _load_state(workdir, 6)
+    from detcon.train.state import TrainState
+
+    caplog.set_level(logging.INFO)
+    with pytest.raises(errors.CheckpointWriteError) as stopped:
+        checkpoint_lib.save(manager, TrainState(**state)._replace(step=np.int32(8)), {})
+    message = str(stopped.value)
+    assert "\n" not in message
+    target = os.path.join(workdir, "checkpoints", "8")
+    assert f"writing {target}: free " in message
+    assert " MB or point --workdir elsewhere; the run resumes from step 6" in message
+    assert message.startswith("no space left on ")
+    assert not any("Task exception" in r.getMessage() for r in caplog.records)
+
+
+def test_half_written_latest_step_falls_back_for_export_and_evaluation(six_steps, tmp_path, caplog):
+    from detcon.weights import torso as torso_lib
+
+    workdir = _copy(six_steps, tmp_path)
+    os.remove(os.path.join(workdir, "checkpoints", "6", "meta", "metadata"))  # died mid-save
+    caplog.set_level(logging.WARNING)
+    loaded = torso_lib.load(workdir)
+    expected = checkpoint_lib.load_network(os.path.join(six_steps, "checkpoints", "4"))[0]
+    key = next(k for k in expected if k.endswith("initial_conv"))
+    np.testing.assert_array_equal(loaded.torso.params[key]["w"], expected[key]["w"])
+    warnings = [r.getMessage() for r in caplog.records if "incomplete" in r.getMessage()]
+    assert len(warnings) == 1 and "checkpoints/6 (FileNotFoundError" in warnings[0]
+    assert warnings[0].endswith("checkpoints/4.")
+    # No complete step at all: one line naming each.
+    for step in ("2", "4"):
+        os.remove(os.path.join(workdir, "checkpoints", step, "meta", "metadata"))
+    with pytest.raises(ValueError, match="No checkpoint under .* reads: .*checkpoints/6 ") as error:
+        torso_lib.load(workdir)
+    assert "\n" not in str(error.value)
+
+
+def test_batch_larger_than_the_dataset_is_one_warning(seven_classes, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(train_loop, "_train", lambda *args: {})  # the warning comes before it
+    caplog.set_level(logging.WARNING)
+    config = _real(seven_classes, 1)
+    config.model.num_classes = -1
+    config.data.num_train_examples = -1  # from the dataset: 14 images
+    config.training.batch_size = 16
+    train_loop.run(config, str(tmp_path))
+    warnings = [
+        r.getMessage() for r in caplog.records if "larger than the dataset" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and "(16)" in warnings[0] and "(14 images)" in warnings[0]
+    caplog.clear()
+    config.training.batch_size = 8
+    train_loop.run(config, str(tmp_path))
+    assert not any("larger than the dataset" in r.getMessage() for r in caplog.records)
+
+
+def test_damaged_shard_is_one_line_naming_it_and_the_fix(seven_classes, tmp_path):
+    import shutil
+
+    from detcon.data import pipeline
+
+    directory = str(tmp_path / "fh")
+    shutil.copytree(seven_classes, directory)
+    shard = os.path.join(directory, "train-00001-of-00002")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)  # a copy cut short
+    batches = pipeline.pretrain_batches(
+        directory, image_size=64, local_devices=1, per_device_batch=4, shuffle_buffer=4
+    )
+    with pytest.raises(errors.DamagedDataError) as error:
+        for _ in range(8):
+            next(batches)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"damaged TFRecord shard {shard}: " in message
+    assert "scripts/generate_fh_masks.py" in message and "rewrites damaged ones" in message
+
+
+def test_signal_on_the_last_step_is_handed_to_the_enclosing_handler(tmp_path, monkeypatch):
+    """The study's handler must hear a SIGTERM that came while the trainer held the signal."""
+    config = _config(3, every=100)
+    real_batches = train_loop.mock_batches
+
+    def terminated_on_the_last_step(config, start_step, local_devices, per_device):
+        for step, batch in enumerate(
+            real_batches(config, start_step, local_devices, per_device), start=start_step
+        ):
+            # Two batches are prefetched: batch 4 is drawn just before the last step (step 2).
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    heard = []
+    monkeypatch.setattr(train_loop, "mock_batches", terminated_on_the_last_step)
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: heard.append(number))
+    try:
+        train_loop.run(config, str(tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert heard == [signal.SIGTERM]
+    assert _saved_steps(tmp_path) == [3]
+
+
+def test_readme_commands_say_to_use_the_venv_first():
+    text = (REPO / "README.md").read_text()
+    activate = text.index("source .venv/bin/activate")
+    first_command = text.index("\npython ")  # the first command line of a code block
+    assert activate < first_command
+    assert "--batch_size=32" in text.split("## Pretrain")[1].split("## Masks")[0]
+
+
+@pytest.mark.slow  # two subprocess runs
+def test_same_command_with_a_larger_max_steps_continues_on_a_quiet_console(tmp_path):
+    workdir = tmp_path / "w"
+    command = [
+        sys.executable,
+        "-m",
+        "detcon.main_loop",
+        "--config=configs/byol.py",
+        "--mock_data",
+        "--batch_size=8",
+        "--config.model.depth=10",
+        "--config.data.image_size=64",
+        "--config.byol.projector_hidden_size=64",
+        "--config.byol.predictor_hidden_size=64",
+        f"--workdir={workdir}",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the package must quieten TensorFlow itself
+    first = subprocess.run(
+        command + ["--max_steps=2"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(
+        command + ["--max_steps=4"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    steps = _steps(workdir)
+    assert steps[-1] == 4 and all(a < b for a, b in zip(steps, steps[1:]))
+    assert "the schedules now end at step 4" in second.stderr
+    for output in (first.stderr, second.stderr):
+        lower = output.lower()
+        assert "onednn" not in lower and "libtpu" not in lower and "orbax" not in lower, output
+        assert f"Config: {workdir / 'config.json'}" in output
+        last = output.strip().splitlines()[-1]
+        assert "Done: loss" in last and "python scripts/export_checkpoint.py" in last, last
+        assert len(output.strip().splitlines()) < 25, output
+    assert json.loads((workdir / "config.json").read_text())["training"]["max_steps"] == 4
+
+
+@pytest.mark.slow  # one ResNet-50 step
+def test_is_test_removes_its_temporary_workdir(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "detcon.main_loop", "--is_test"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Smoke test passed" in result.stderr
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("detcon_is_test_")]
+
+
+def test_library_info_lines_are_filtered_and_their_warnings_kept():
+    from detcon import cli
+
+    def record(path: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    probe = "/venv/site-packages/jax/_src/xla_bridge.py"  # "Unable to initialize backend 'tpu'"
+    save = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not cli._not_library_info(record(probe, logging.INFO))
+    assert not cli._not_library_info(record(save, logging.INFO))
+    assert cli._not_library_info(record(save, logging.WARNING))
+    assert cli._not_library_info(record("/repo/detcon/train/loop.py", logging.INFO))

@@ -103,16 +103,14 @@ TINY_FLAGS = [
 
 @pytest.mark.slow
 def test_cli_mock_run_resumes(tmp_path):
-    """2 steps, then 4 steps on the same workdir resumes (a longer schedule needs consent)."""
+    """2 steps, then the same command with --max_steps=4 resumes (no consent needed)."""
     w = str(tmp_path / "w")
     flags = [f for f in TINY_FLAGS if not f.startswith("--max_steps")] + [f"--workdir={w}"]
     _main_loop(flags + ["--max_steps=2"], devices=2)
     assert _steps(w) == [1, 2]
-    out = _main_loop(
-        flags + ["--max_steps=4", "--config.training.allow_config_change=True"], devices=2
-    )
+    out = _main_loop(flags + ["--max_steps=4"], devices=2)
     assert "Resumed from" in out.stderr
-    assert "changed config: training.max_steps: 2 -> 4" in out.stderr
+    assert "training.max_steps: 2 -> 4; the schedules now end at step 4." in out.stderr
     assert _steps(w) == [1, 2, 3, 4]
     assert os.path.isdir(os.path.join(w, "tensorboard"))
 

@@ -10,12 +10,14 @@ With `deterministic=True` this order is exact; otherwise tf.data may reorder rec
 """
 
 import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from detcon.data import image_codec, schema, shards, views
+from detcon import errors
+from detcon.data import detreg_views, image_codec, schema, shards, views
 
 list_shards = shards.list_shards  # part of this module's interface (the training loop imports it)
 
@@ -57,6 +59,62 @@ def decode_example(serialized: tf.Tensor, with_masks: bool = True) -> dict[str, 
         shape = tf.shape(image)
         example["fh"] = schema.reshape_segmentations(record["fh_ids"], shape[0], shape[1])
     return example
+
+
+def _regenerate_hint(dataset_directory: str) -> str:
+    return (
+        f"regenerate {dataset_directory!r} with scripts/generate_fh_masks.py --region_priors "
+        "(same other flags; or scripts/make_scenes.py --region_priors for the scenes)"
+    )
+
+
+def check_region_priors(paths: list[str], dataset_directory: str) -> None:
+    """Raises DatasetMismatchError (one line, naming --region_priors) if the first record has
+    none; the trainer prints it without a traceback."""
+    for path in paths:
+        for serialized in tf.data.TFRecordDataset(path).take(1).as_numpy_iterator():
+            if not schema.has_region_priors(serialized):
+                raise errors.DatasetMismatchError(
+                    f"the records in {dataset_directory!r} hold no region priors "
+                    f"({schema.REGION_BOXES}), which this method needs; "
+                    + _regenerate_hint(dataset_directory)
+                )
+            return
+
+
+def decode_detreg_example(serialized: tf.Tensor, dataset_directory: str = "") -> dict:
+    """Returns `image` uint8 `[H, W, 3]`, `label` int32 and the region priors of one record."""
+    record = schema.parse_record(serialized, with_regions=True)
+    check = tf.debugging.assert_positive(
+        tf.size(record["region_levels"]),
+        message="a record holds no region priors; " + _regenerate_hint(dataset_directory),
+    )
+    with tf.control_dependencies([check]):
+        image = image_codec.decode_rgb(record["encoded"])
+    return {
+        "image": image,
+        "label": _label(record["label"]),
+        "region_boxes": record["region_boxes"],
+        "region_box_index": record["region_box_index"],
+        "region_levels": record["region_levels"],
+    }
+
+
+def detreg_sample(
+    example: dict[str, tf.Tensor], image_size: int, num_regions: int, seed: tf.Tensor
+) -> dict[str, tf.Tensor]:
+    """Returns one DETReg sample (detreg_views.detreg_view's keys) with its `label`."""
+    sample = detreg_views.detreg_view(
+        example["image"],
+        example["region_boxes"],
+        example["region_box_index"],
+        example["region_levels"],
+        num_regions,
+        image_size,
+        seed,
+    )
+    sample["label"] = example["label"]
+    return sample
 
 
 def two_views(
@@ -149,6 +207,25 @@ def _epoch_records(
     return records.skip(skip).map(lambda position, record: (epoch, position, record))
 
 
+def naming_damaged_shards(batches: Iterator[dict], paths: list[str]) -> Iterator[dict]:
+    """`batches`, where TF's DataLossError (which names no file) becomes a one-line
+    DamagedDataError naming the damaged shard and the command that rewrites it."""
+    try:
+        yield from batches
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        damaged = shards.damaged_shards(paths)
+        directory = os.path.dirname(paths[0]) if paths else "the dataset"
+        if not damaged:
+            if isinstance(error, tf.errors.InvalidArgumentError):
+                raise  # not a damaged file: a real bug, keep its traceback
+            damaged = [(directory, error.message.splitlines()[0])]
+        names = "; ".join(f"{path}: {reason}" for path, reason in damaged[:3])
+        more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+        raise errors.DamagedDataError(
+            f"damaged TFRecord shard {names}{more}; {shards.regenerate_hint(directory)}"
+        ) from None
+
+
 def pretrain_batches(
     dataset_directory: str,
     *,
@@ -167,8 +244,15 @@ def pretrain_batches(
     num_parallel_calls: int | None = None,
     with_masks: bool = True,
     crop_min_area: float = views.CROP_AREA_RANGE[0],
+    num_regions: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Returns an endless iterator of batches `[D, b, ...]` of two views with their FH masks.
+
+    num_regions = k > 0 (DETReg) gives one view with its region priors instead
+    (detcon/data/detreg_views.py): `view1` float32 `[D, b, S, S, 3]` in [0, 1] at the top-left of
+    the canvas, `pad_mask` bool `[D, b, S, S]`, `region_boxes` float32 `[D, b, k, 4]` cxcywh
+    normalised by the unpadded image, `region_valid` bool `[D, b, k]`, `label`; records must hold
+    region priors (scripts/generate_fh_masks.py --region_priors).
 
     with_masks=False (methods that need none): no mask keys, and records need not hold masks.
     crop_min_area: smallest crop as a fraction of the image (0.08 BYOL/DetCon, 0.2 MoCo v2).
@@ -193,6 +277,10 @@ def pretrain_batches(
         raise ValueError(
             f"the {split!r} shards in {dataset_directory!r} for this process hold no records"
         )
+    if num_regions < 0:
+        raise ValueError(f"num_regions must be >= 0, got {num_regions}")
+    if num_regions:
+        check_region_priors(files, dataset_directory)
     local_batch = local_devices * per_device_batch
     first_epoch, skip_in_first_epoch = 0, 0
     if start_step:
@@ -222,6 +310,9 @@ def pretrain_batches(
 
     def make_pair(epoch: tf.Tensor, position: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         key = tf.stack([tf.constant(stream_seed, tf.int64), epoch * (2**40) + position])
+        if num_regions:
+            example = decode_detreg_example(record, dataset_directory)
+            return detreg_sample(example, image_size, num_regions, key)
         return two_views(
             decode_example(record, with_masks),
             image_size,
@@ -243,7 +334,7 @@ def pretrain_batches(
     options = tf.data.Options()
     options.deterministic = deterministic
     # Returned, not yielded from: bad arguments and missing shards fail at the call, not at next().
-    return dataset.with_options(options).as_numpy_iterator()
+    return naming_damaged_shards(dataset.with_options(options).as_numpy_iterator(), paths)
 
 
 def eval_batches(
@@ -295,4 +386,4 @@ def eval_batches(
         .batch(local_devices, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
-    return dataset.as_numpy_iterator()
+    return naming_damaged_shards(dataset.as_numpy_iterator(), paths)

@@ -10,6 +10,14 @@ so an image with more than 256 segments cannot be stored there without loss.  Wh
  - the official key then holds `ids % 256`, byte for byte what the official tool would have
    written, so official readers keep working (with the wrapped ids they always had).
 Records whose ids all fit in a byte carry only the official key.
+
+Region priors (ours, for DETReg; `scripts/generate_fh_masks.py --region_priors`): every region of
+DETReg's fast selective search (detcon/data/build/region_priors.py), boxes stored once:
+ - `REGION_BOXES`: float32 `[U, 4]` distinct boxes, xyxy in pixels of the stored image;
+ - `REGION_BOX_INDEX`: int `[R]`, each region's box (index into the boxes);
+ - `REGION_LEVELS`: int `[R]`, each region's hierarchy level (1 = an FH segment).
+The pipeline draws rank U(0,1) x level per region and sample, so the top-k differ every epoch as
+a fresh selective search would, while the expensive part runs once.
 """
 
 from collections.abc import Sequence
@@ -33,6 +41,11 @@ FH_SEGMENTATIONS_UINT16 = "image/felzenszwalb_segmentations_uint16"
 # Ours only: the FH parameters, one entry per stored scale, so a dataset documents itself.
 FH_SCALES = "image/felzenszwalb_scales"
 FH_MIN_SIZES = "image/felzenszwalb_min_sizes"
+
+# Ours only: region priors (see module docstring).
+REGION_BOXES = "image/region_priors/boxes"
+REGION_BOX_INDEX = "image/region_priors/box_index"
+REGION_LEVELS = "image/region_priors/levels"
 
 MAX_SEGMENT_ID = np.iinfo(np.uint16).max
 
@@ -68,8 +81,12 @@ def build_example(
     text: str | None = None,
     fh_scales: Sequence[float] = (),
     fh_min_sizes: Sequence[int] = (),
+    region_boxes: np.ndarray | None = None,
+    region_box_index: np.ndarray | None = None,
+    region_levels: np.ndarray | None = None,
 ) -> tf.train.Example:
-    """Returns the Example for RGB `jpeg` (`height` x `width`) and its `[K, H, W]` segment ids."""
+    """Returns the Example for RGB `jpeg` (`height` x `width`) and its `[K, H, W]` segment ids,
+    with region priors when given: boxes `[U, 4]`, box index `[R]` and levels `[R]`."""
     if segmentations.ndim != 3 or segmentations.shape[1:] != (height, width):
         raise ValueError(
             f"{filename}: segmentations have shape {segmentations.shape}, expected "
@@ -101,7 +118,38 @@ def build_example(
     if fh_scales:
         feature[FH_SCALES] = _floats(fh_scales)
         feature[FH_MIN_SIZES] = _ints(fh_min_sizes)
+    if region_boxes is not None:
+        feature.update(_region_features(filename, region_boxes, region_box_index, region_levels))
     return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def _region_features(
+    filename: str, boxes: np.ndarray, box_index: np.ndarray | None, levels: np.ndarray | None
+) -> dict[str, tf.train.Feature]:
+    """Returns the region-prior features, after checking the three arrays fit together."""
+    boxes = np.asarray(boxes, np.float32)
+    if box_index is None or levels is None:
+        raise ValueError(f"{filename}: region priors need boxes, box_index and levels together")
+    box_index, levels = np.asarray(box_index), np.asarray(levels)
+    if (
+        boxes.ndim != 2
+        or boxes.shape[1] != 4
+        or box_index.shape != levels.shape
+        or box_index.ndim != 1
+        or not len(boxes)
+        or box_index.min(initial=0) < 0
+        or box_index.max(initial=0) >= len(boxes)
+        or levels.min(initial=1) < 1
+    ):
+        raise ValueError(
+            f"{filename}: region priors must be boxes [U > 0, 4], box_index [R] in [0, U) and "
+            f"levels [R] >= 1; got {boxes.shape}, {box_index.shape}, {levels.shape}"
+        )
+    return {
+        REGION_BOXES: _floats(boxes.ravel().tolist()),
+        REGION_BOX_INDEX: _ints(box_index.tolist()),
+        REGION_LEVELS: _ints(levels.tolist()),
+    }
 
 
 _PARSE_SPEC = {
@@ -113,9 +161,25 @@ _PARSE_SPEC = {
 }
 
 
-def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Returns `encoded` (scalar string), `label` (int64 as stored), `fh_ids` (int32 `[K*H*W]`)."""
-    parsed = tf.io.parse_single_example(serialized, _PARSE_SPEC)
+_REGION_SPEC = {
+    REGION_BOXES: tf.io.VarLenFeature(tf.float32),
+    REGION_BOX_INDEX: tf.io.VarLenFeature(tf.int64),
+    REGION_LEVELS: tf.io.VarLenFeature(tf.int64),
+}
+
+
+def has_region_priors(serialized: bytes) -> bool:
+    """Returns whether one serialized record (Python bytes) holds region priors."""
+    example = tf.train.Example.FromString(serialized)
+    return all(key in example.features.feature for key in _REGION_SPEC)
+
+
+def parse_record(serialized: tf.Tensor, with_regions: bool = False) -> dict[str, tf.Tensor]:
+    """Returns `encoded` (scalar string), `label` (int64 as stored), `fh_ids` (int32 `[K*H*W]`);
+    with_regions adds `region_boxes` float32 `[U, 4]`, `region_box_index`, `region_levels`
+    int32 `[R]` (empty where the record holds none)."""
+    spec = {**_PARSE_SPEC, **_REGION_SPEC} if with_regions else _PARSE_SPEC
+    parsed = tf.io.parse_single_example(serialized, spec)
     ids8 = tf.strings.reduce_join(parsed[FH_SEGMENTATIONS].values)
     ids16 = tf.strings.reduce_join(parsed[FH_SEGMENTATIONS_UINT16].values)
     fh_ids = tf.cond(
@@ -123,7 +187,12 @@ def parse_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         lambda: tf.cast(tf.io.decode_raw(ids16, tf.uint16, little_endian=True), tf.int32),
         lambda: tf.cast(tf.io.decode_raw(ids8, tf.uint8), tf.int32),
     )
-    return {"encoded": parsed[ENCODED], "label": parsed[LABEL], "fh_ids": fh_ids}
+    record = {"encoded": parsed[ENCODED], "label": parsed[LABEL], "fh_ids": fh_ids}
+    if with_regions:
+        record["region_boxes"] = tf.reshape(parsed[REGION_BOXES].values, [-1, 4])
+        record["region_box_index"] = tf.cast(parsed[REGION_BOX_INDEX].values, tf.int32)
+        record["region_levels"] = tf.cast(parsed[REGION_LEVELS].values, tf.int32)
+    return record
 
 
 def reshape_segmentations(fh_ids: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:

@@ -5,6 +5,7 @@ count and the class count) and `fh_masks_<split>_counts/<shard>` (records per fi
 training learns the dataset's size and classes without reading it.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -75,6 +76,59 @@ def count_records(path: str) -> int:
             handle.seek(position)
             count += 1
     return count
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_problem(path: str, entry: dict | None) -> str | None:
+    """Why shard `path` is damaged (None: sound), against its manifest entry {"records",
+    "bytes", "sha256"} when there is one, else by walking its record headers."""
+    try:
+        size = tf.io.gfile.stat(path).length
+        if entry is not None:
+            if size != entry["bytes"]:
+                return f"{size} bytes where {entry['bytes']} were written"
+            if file_digest(path) != entry["sha256"]:
+                return "its checksum differs from the one recorded when it was written"
+            return None
+        count_records(path)
+    except ValueError as error:
+        return str(error).split(": ", 1)[-1]
+    except (OSError, tf.errors.OpError) as error:
+        return f"unreadable ({error})"
+    return None
+
+
+def damaged_shards(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, reason) of each damaged shard among `paths` (checked against their manifest)."""
+    entries: dict[str, dict] = {}
+    found = []
+    for path in paths:
+        directory, name = os.path.split(path)
+        match = _SHARD_RE.match(name)
+        split = match["split"] if match else ""
+        if split not in entries:
+            entries[split] = (read_manifest(directory, split) or {}).get("shards", {})
+        problem = shard_problem(path, entries[split].get(name))
+        if problem:
+            found.append((path, problem))
+    return found
+
+
+def regenerate_hint(directory: str) -> str:
+    """How to rewrite damaged shards: the generator verifies shards and rewrites the bad ones."""
+    return (
+        "re-run the scripts/generate_fh_masks.py command that made "
+        f"{directory} (same flags; it checks every shard and rewrites damaged ones), e.g. "
+        + GENERATE_COMMAND.format(directory=directory)
+    )
 
 
 def manifest_path(dataset_directory: str, split: str) -> str:

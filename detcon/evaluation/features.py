@@ -18,7 +18,7 @@ from detcon.ops import augment
 from detcon.weights.torso import FrozenTorso
 
 
-def _unit_variance_statistics(state: dict) -> dict:
+def unit_variance_statistics(state: dict) -> dict:
     """BatchNorm moving variances set to 1 (means stay 0): PyTorch's initial running statistics.
 
     Haiku's moving averages start at 0, so an untouched network in inference mode would divide by
@@ -45,7 +45,7 @@ def random_init(depth: int, width_multiplier: int, seed: int, image_size: int = 
         np.asarray, hk.data_structures.to_mutable_dict(tree)
     )
     return FrozenTorso(
-        depth, width_multiplier, to_host(params), _unit_variance_statistics(to_host(state))
+        depth, width_multiplier, to_host(params), unit_variance_statistics(to_host(state))
     )
 
 

@@ -40,7 +40,11 @@ class Options:
     linear_epochs: int = _field(
         linear_augmented.DEFAULT_EPOCHS, "Epochs of --linear_mode=augmented."
     )
-    seg_image_size: int = _field(512, "Longer side after resizing; padded square (x32).")
+    seg_image_size: int = _field(
+        512,
+        "Longer side after resizing; padded square (x32). evaluate: 0 fits the dataset's "
+        "images (their longest side rounded up to x32).",
+    )
     seg_label_size: int = _field(
         0,
         "Side the labels are scored at (0: --seg_image_size; must divide it). Set it to the "

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from absl import logging
 
 from detcon.data import labelled
 from detcon.evaluation import features as features_lib
@@ -163,6 +164,12 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
     root = options.segmentation_directory or options.source.directory
     if not root:
         raise ValueError("--protocol=segmentation needs --dataset_directory (a VOC-layout root).")
+    logging.info(
+        "segmentation: reading %s at %d px, then %d head epochs",
+        root,
+        options.seg_image_size,
+        options.seg_epochs,
+    )
     train_images, train_labels = voc.load_split(root, "train", options.seg_image_size)
     val_images, val_labels = voc.load_split(root, "val", options.seg_image_size)
     if options.seg_label_size:
@@ -181,6 +188,9 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
         fmaps, order = features_lib.extract(extractor, batches, total, f"{split} feature maps")
         return fmaps[np.argsort(order)]
 
+    def progress(epoch: int, loss: float) -> None:
+        logging.info("segmentation head: epoch %d/%d loss %.4f", epoch, options.seg_epochs, loss)
+
     head, shift, scale = segmentation_lib.train_head(
         maps(train_images, "train"),
         train_labels,
@@ -189,6 +199,7 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
         batch_size=options.seg_batch_size,
         learning_rate=options.seg_learning_rate,
         seed=options.seed,
+        on_epoch=progress,
     )
     result = segmentation_lib.evaluate_head(
         head, shift, scale, maps(val_images, "val"), val_labels, classes, options.seg_batch_size

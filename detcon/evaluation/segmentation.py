@@ -5,7 +5,7 @@ ignored. Metrics follow MMSegmentation's IoU metric: per-class IoU from a confus
 over the whole set, mIoU as the mean over classes whose union is non-empty.
 """
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +89,10 @@ def train_head(
     learning_rate: float,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    on_epoch: Optional[Callable[[int, float], None]] = None,
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(head, shift, scale) trained on maps [N, h, w, C], labels [N, H, W] (AdamW, cosine)."""
+    """(head, shift, scale) trained on maps [N, h, w, C], labels [N, H, W] (AdamW, cosine);
+    on_epoch(epoch from 1, mean loss) is called after each epoch (progress)."""
     num, _, _, channels = feature_maps.shape
     height, width = labels.shape[1:]
     shift, scale = standardisation(feature_maps)
@@ -116,9 +118,13 @@ def train_head(
         return optax.apply_updates(head, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        losses = []
         for index in _minibatches(num, batch_size, rng):
-            head, opt_state, _ = step(head, opt_state, feature_maps[index], labels[index])
+            head, opt_state, loss = step(head, opt_state, feature_maps[index], labels[index])
+            losses.append(loss)
+        if on_epoch is not None:
+            on_epoch(epoch, float(np.mean(jax.device_get(losses))))
     return jax.device_get(head), shift, scale
 
 

@@ -61,6 +61,19 @@ def resize_and_pad(
     return out_image, out_label
 
 
+def fitting_image_size(root: str, split: str = "train") -> int:
+    """The smallest multiple of 32 that holds the longer side of every image of `split` (reads
+    headers only): 512 for PASCAL VOC 2012's 500 px images, 64 for the 64 px scenes."""
+    longest = 0
+    for image_id in split_ids(root, split):
+        path = os.path.join(root, "JPEGImages", image_id + ".jpg")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is listed in {split}.txt but missing.")
+        with Image.open(path) as image:
+            longest = max(longest, *image.size)
+    return max(32, -(-longest // 32) * 32)
+
+
 def load_split(root: str, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, S, S, 3], labels uint8 [N, S, S]) of one split, resized and padded."""
     if image_size % 32:

@@ -6,6 +6,8 @@ import platform
 import time
 from typing import Callable, Sequence
 
+import numpy as np
+
 from detcon import methods as methods_lib
 from detcon.data.build import scenes
 from detcon.study import budget as budget_lib
@@ -64,6 +66,73 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
 
 
+# The comparisons the study reports: each mask-based method against its image-level counterpart.
+PAIRS = (("detcon_b", "byol"), ("detcon_s", "simclr"), ("densecl", "moco_v2"))
+METRICS = ("seg_miou", "knn_top1")
+CURVES_NAME = "curves.png"
+
+
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value)."""
+    array = np.asarray(values, np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def aggregate(runs: Sequence[dict]) -> dict:
+    """One method's (or random init's) entry over its seeds: the per-seed runs, their probe
+    curves, and mean and standard deviation of every headline number."""
+    first = runs[0]
+    entry = {
+        key: first[key]
+        for key in ("name", "needs_masks", "steps", "images_seen", "budget", "probes")
+    }
+    entry["seeds"] = [run["seed"] for run in runs]
+    for key in (*METRICS, "pixel_accuracy"):
+        entry[key], entry[f"{key}_std"] = mean_and_std([run[key] for run in runs])
+    losses = [run["final_loss"] for run in runs if run["final_loss"] is not None]
+    entry["final_loss"] = mean_and_std(losses)[0] if losses else None
+    for key in ("train_seconds", "train_cpu_seconds", "eval_seconds"):
+        entry[key] = float(sum(run[key] for run in runs))
+    entry["curve"] = [point for run in runs for point in run["curve"]]
+    entry["runs"] = list(runs)
+    return entry
+
+
+def margin(a: dict, b: dict, metric: str) -> dict:
+    """a - b on `metric` against twice their combined seed standard deviation."""
+    diff = a[metric] - b[metric]
+    combined = float(np.hypot(a[f"{metric}_std"], b[f"{metric}_std"]))
+    seeds = min(len(a["seeds"]), len(b["seeds"]))
+    if seeds < 2:
+        verdict = "one seed: no verdict"
+    elif abs(diff) > 2 * combined:
+        verdict = a["name"] if diff > 0 else b["name"]
+    else:
+        verdict = "within noise"
+    return {
+        "a": a["name"],
+        "b": b["name"],
+        "metric": metric,
+        "difference": diff,
+        "combined_std": combined,
+        "seeds": seeds,
+        "verdict": verdict,
+    }
+
+
+def comparisons(entries: Sequence[dict], baseline: dict) -> list[dict]:
+    """Every PAIRS comparison present, and every method against random init, on both probes."""
+    by_name = {e["name"]: e for e in entries}
+    out = [
+        margin(by_name[a], by_name[b], m)
+        for a, b in PAIRS
+        if a in by_name and b in by_name
+        for m in METRICS
+    ]
+    out += [margin(e, baseline, m) for e in entries for m in METRICS]
+    return out
+
+
 def run(
     method_names: Sequence[str],
     budget: budget_lib.Budget,
@@ -74,9 +143,14 @@ def run(
     seg_label_size: int = 0,
     seg_epochs: int = 30,
     log: Callable[[str], None] = print,
+    seeds: Sequence[int] = (),
+    eval_at_steps: Sequence[int] = (),
 ) -> dict:
-    """Runs (or reuses) every entry and writes compare.json, compare.md and compare.png."""
+    """Runs (or reuses) every (method, seed) and writes compare.json, compare.md, compare.png
+    and, with evaluation steps, curves.png. Seeds default to budget.seed."""
     chosen = check_methods(method_names)
+    seeds = list(dict.fromkeys(seeds)) or [budget.seed]
+    eval_steps = runner.check_eval_steps(budget.steps, eval_at_steps)
     seg_label_size = seg_label_side(seg_image_size, seg_label_size, spec)
     root = ensure_scenes(scenes_directory, spec, log)
     probes = runner.Probes(
@@ -89,14 +163,21 @@ def run(
     )
     pretrain = os.path.join(root, scenes.PRETRAIN_DIRECTORY)
     start = time.perf_counter()
-    baseline = runner.run_random_init(budget, probes, output_directory, log)
+    per_seed = [dataclasses.replace(budget, seed=seed) for seed in seeds]
+    baseline = aggregate(
+        [runner.run_random_init(b, probes, output_directory, log) for b in per_seed]
+    )
     entries = []
     for name in chosen:
         log(
             f"{name}: {budget.steps} steps at batch {budget.batch_size}, ResNet-{budget.depth}, "
-            f"{budget.image_size} px"
+            f"{budget.image_size} px, seeds {','.join(map(str, seeds))}"
         )
-        entry = runner.run_method(name, budget, pretrain, probes, output_directory, log)
+        runs = [
+            runner.run_method(name, b, pretrain, probes, output_directory, log, eval_steps)
+            for b in per_seed
+        ]
+        entry = aggregate(runs)
         log(
             f"{name}: kNN top-1 {entry['knn_top1']:.3f}, seg mIoU {entry['seg_miou']:.3f} "
             f"(random init {baseline['knn_top1']:.3f}, {baseline['seg_miou']:.3f})"
@@ -104,6 +185,8 @@ def run(
         entries.append(entry)
     document = {
         "budget": dataclasses.asdict(budget),
+        "seeds": seeds,
+        "eval_at_steps": eval_steps,
         "scenes": os.path.abspath(root),
         "probes": dataclasses.asdict(probes),
         "machine": _machine(),
@@ -111,18 +194,27 @@ def run(
         "beats_random_init_miou": {
             e["name"]: e["seg_miou"] > baseline["seg_miou"] for e in entries
         },
+        "comparisons": comparisons(entries, baseline),
         "random_init": baseline,
         "methods": entries,
     }
     report.write_json(os.path.join(output_directory, JSON_NAME), document)
     atomic.write_text(
-        os.path.join(output_directory, TABLE_NAME), report.markdown_table(entries + [baseline])
+        os.path.join(output_directory, TABLE_NAME),
+        report.markdown_table(entries + [baseline])
+        + "\n"
+        + report.comparison_table(document["comparisons"]),
     )
     title = (
         f"{budget.steps} steps x batch {budget.batch_size}, ResNet-{budget.depth}, "
-        f"{budget.image_size} px scenes"
+        f"{budget.image_size} px scenes, seeds {','.join(map(str, seeds))}"
     )
     report.write_png(
         os.path.join(output_directory, CHART_NAME), report.bar_chart_png(entries, baseline, title)
     )
+    if len(eval_steps) > 1:
+        report.write_png(
+            os.path.join(output_directory, CURVES_NAME),
+            report.curves_png(entries, baseline, title),
+        )
     return document

@@ -4,10 +4,13 @@ import io
 import json
 from typing import Sequence
 
+import numpy as np
+
 from detcon.weights import atomic
 
 COLUMNS = (
     "method",
+    "seeds",
     "masks?",
     "steps",
     "images seen",
@@ -23,19 +26,27 @@ def _number(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _spread(entry: dict, key: str) -> str:
+    """'mean ± std' over the entry's seeds, or the plain value for one seed."""
+    if len(entry.get("seeds", ())) > 1:
+        return f"{entry[key]:.3f} ± {entry[key + '_std']:.3f}"
+    return _number(entry[key], 3)
+
+
 def table_row(entry: dict) -> list[str]:
     """The Markdown cells of one entry, in COLUMNS order."""
     masks = {True: "yes", False: "no", None: "–"}[entry["needs_masks"]]
     wall = entry["train_seconds"] + entry["eval_seconds"]
     return [
         entry["name"],
+        ",".join(map(str, entry.get("seeds", ()))) or "–",
         masks,
         str(entry["steps"]),
         str(entry["images_seen"]),
         _number(entry["final_loss"], 3),
-        _number(entry["knn_top1"], 3),
-        _number(entry["seg_miou"], 3),
-        _number(entry["pixel_accuracy"], 3),
+        _spread(entry, "knn_top1"),
+        _spread(entry, "seg_miou"),
+        _spread(entry, "pixel_accuracy"),
         f"{wall:.0f}",
     ]
 
@@ -45,6 +56,66 @@ def markdown_table(entries: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(table_row(e)) + " |" for e in entries]
     return "\n".join(lines) + "\n"
+
+
+def comparison_table(rows: Sequence[dict]) -> str:
+    """Markdown table of the comparisons: a win needs |a - b| > 2 x combined seed std."""
+    lines = [
+        "| a | b | probe | a - b | combined std | seeds | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['a']} | {r['b']} | {r['metric']} | {r['difference']:+.4f} | "
+        f"{r['combined_std']:.4f} | {r['seeds']} | {r['verdict']} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def curves_png(methods: Sequence[dict], baseline: dict, title: str) -> bytes:
+    """PNG bytes: each method's probes against pretraining step (every seed's points, the mean
+    over seeds as a line), with the random-init range over seeds as a grey band."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(
+        2,
+        len(methods),
+        figsize=(2.6 * len(methods) + 1, 5.2),
+        squeeze=False,
+        constrained_layout=True,
+        sharey="row",
+    )
+    for column, method in enumerate(methods):
+        for row, (key, label) in enumerate(
+            (("seg_miou", "segmentation mIoU"), ("knn_top1", "kNN top-1 (shape)"))
+        ):
+            axis = axes[row][column]
+            values = [point[key] for point in baseline["curve"]]
+            axis.axhspan(min(values), max(values), color="0.85", label="random init range")
+            steps = sorted({point["step"] for point in method["curve"]})
+            means = [np.mean([p[key] for p in method["curve"] if p["step"] == s]) for s in steps]
+            axis.scatter(
+                [p["step"] for p in method["curve"]],
+                [p[key] for p in method["curve"]],
+                s=10,
+                color="tab:blue",
+                alpha=0.5,
+            )
+            axis.plot(steps, means, color="tab:blue", marker="o", markersize=3)
+            axis.set_xlabel("pretraining step")
+            if column == 0:
+                axis.set_ylabel(label)
+            if row == 0:
+                axis.set_title(method["name"], fontsize=9)
+    axes[0][0].legend(loc="lower right", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def write_json(path: str, document: dict) -> None:

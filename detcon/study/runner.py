@@ -6,11 +6,14 @@ reuses it; an unfinished pretraining run resumes from its checkpoint in <output>
 
 import dataclasses
 import json
+import math
 import os
 import resource
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import haiku as hk
+import jax
 import numpy as np
 
 from detcon import methods as methods_lib
@@ -18,12 +21,14 @@ from detcon.data import labelled
 from detcon.evaluation import features, protocols
 from detcon.study import budget as budget_lib
 from detcon.study import report
+from detcon.train import experiment as experiment_lib
 from detcon.train import loop as train_loop
 from detcon.weights import torso as torso_lib
 
 RANDOM_INIT = "random_init"
 RESULTS_DIRECTORY = "results"
 RUNS_DIRECTORY = "runs"
+MAX_KEPT_CHECKPOINTS = 64  # ResNet-10 states are ~20 MB; more would fill small disks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +50,51 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def result_path(output_directory: str, name: str) -> str:
-    """<output>/results/<name>.json."""
-    return os.path.join(output_directory, RESULTS_DIRECTORY, f"{name}.json")
+def run_key(name: str, seed: int) -> str:
+    """The name of one (method or random init, seed) entry: '<name>-seed<seed>'."""
+    return f"{name}-seed{seed}"
+
+
+def result_path(output_directory: str, key: str) -> str:
+    """<output>/results/<key>.json."""
+    return os.path.join(output_directory, RESULTS_DIRECTORY, f"{key}.json")
+
+
+def curve_path(output_directory: str, key: str) -> str:
+    """<output>/results/<key>.curve.json: probe results along the run, saved as they finish."""
+    return os.path.join(output_directory, RESULTS_DIRECTORY, f"{key}.curve.json")
+
+
+def checkpoint_spacing(steps: int, eval_at_steps: Sequence[int]) -> int:
+    """Checkpoint period that lands on every evaluation step and on the last step."""
+    return math.gcd(steps, *[s for s in eval_at_steps if s > 0])
+
+
+def check_eval_steps(steps: int, eval_at_steps: Sequence[int]) -> list[int]:
+    """Sorted evaluation steps within [0, steps], the last step always included."""
+    chosen = sorted(set(eval_at_steps) | {steps})
+    outside = [s for s in chosen if s < 0 or s > steps]
+    if outside:
+        raise ValueError(
+            f"--eval_at_steps={','.join(map(str, eval_at_steps))}: {outside} lie outside "
+            f"0..--steps={steps}."
+        )
+    kept = steps // checkpoint_spacing(steps, chosen)
+    if kept > MAX_KEPT_CHECKPOINTS:
+        raise ValueError(
+            f"--eval_at_steps={','.join(map(str, eval_at_steps))} with --steps={steps} needs a "
+            f"checkpoint every {checkpoint_spacing(steps, chosen)} steps ({kept} kept); choose "
+            f"steps with a larger common divisor (at most {MAX_KEPT_CHECKPOINTS} checkpoints)."
+        )
+    return chosen
 
 
 def load_finished(
-    output_directory: str, name: str, budget: budget_lib.Budget, probes: Probes | None = None
+    output_directory: str, key: str, budget: budget_lib.Budget, probes: Probes | None = None
 ) -> dict | None:
-    """The cached entry of `name`, None if absent; an error if made under another budget or
-    with other probe settings."""
-    path = result_path(output_directory, name)
+    """The cached entry `key`, None if absent; an error if made under another budget or with
+    other probe settings."""
+    path = result_path(output_directory, key)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -125,10 +164,12 @@ def _entry(
     train_cpu_seconds: float,
     eval_seconds: float,
     curve: list[dict[str, float]],
+    probe_curve: list[dict[str, float]],
 ) -> dict:
     steps = budget.steps if name != RANDOM_INIT else 0
     return {
         "name": name,
+        "seed": budget.seed,
         "budget": dataclasses.asdict(budget),
         "probes": dataclasses.asdict(probes),
         "needs_masks": needs_masks,
@@ -142,8 +183,64 @@ def _entry(
         "train_cpu_seconds": train_cpu_seconds,
         "eval_seconds": eval_seconds,
         "loss_curve": curve,
+        "curve": probe_curve,
         **results,
     }
+
+
+def _curve_point(step: int, seed: int, results: dict) -> dict:
+    """One record of a probe curve."""
+    return {
+        "step": step,
+        "seed": seed,
+        "seg_miou": results["segmentation"]["miou"],
+        "knn_top1": results["knn"]["top1"],
+    }
+
+
+def initial_torso(config: Any, steps: int) -> torso_lib.FrozenTorso:
+    """The method's own online torso at step 0 (its init draw), BatchNorm statistics at unit
+    variance as the random-init baseline has them (Haiku's EMAs start at 0, not a statistic)."""
+    state = experiment_lib.build(config, steps).init_state(jax.random.PRNGKey(config.training.seed))
+    host = lambda tree: jax.tree_util.tree_map(np.asarray, hk.data_structures.to_mutable_dict(tree))
+    torso = torso_lib.from_network(
+        host(state.online_params), host(state.online_state), config.model
+    )
+    return torso._replace(state=features.unit_variance_statistics(torso.state))
+
+
+def _probe_along_the_run(
+    key: str,
+    config: Any,
+    workdir: str,
+    eval_steps: Sequence[int],
+    budget: budget_lib.Budget,
+    probes: Probes,
+    output_directory: str,
+    log: Callable[[str], None],
+) -> tuple[list[dict], dict]:
+    """Probe records at every evaluation step (reusing saved ones) and the last step's results."""
+    path = curve_path(output_directory, key)
+    saved: dict[str, dict] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    for step in eval_steps:
+        if str(step) in saved:
+            continue
+        if step == 0:
+            torso = initial_torso(config, budget.steps)
+        else:
+            step_directory = os.path.join(workdir, "checkpoints", str(step))
+            torso = torso_lib.load(step_directory, "online").torso
+        saved[str(step)] = _probe(torso, budget, probes)
+        report.write_json(path, saved)
+        point = _curve_point(step, budget.seed, saved[str(step)])
+        log(
+            f"{key} step {step}: kNN top-1 {point['knn_top1']:.3f}, seg mIoU {point['seg_miou']:.3f}"
+        )
+    curve = [_curve_point(s, budget.seed, saved[str(s)]) for s in eval_steps]
+    return curve, saved[str(budget.steps)]
 
 
 def run_method(
@@ -153,14 +250,22 @@ def run_method(
     probes: Probes,
     output_directory: str,
     log: Callable[[str], None] = print,
+    eval_at_steps: Sequence[int] = (),
 ) -> dict:
-    """The finished entry of `method`: cached, or pretrained (resuming) and probed now."""
-    finished = load_finished(output_directory, method, budget, probes)
+    """The finished entry of `method` at budget.seed: cached, or pretrained (resuming) and probed
+    now at every step of `eval_at_steps` and at the last step."""
+    key = run_key(method, budget.seed)
+    finished = load_finished(output_directory, key, budget, probes)
     if finished is not None:
-        log(f"{method}: reusing {result_path(output_directory, method)}")
+        log(f"{key}: reusing {result_path(output_directory, key)}")
         return finished
+    eval_steps = check_eval_steps(budget.steps, eval_at_steps)
     config = budget_lib.method_config(method, budget, pretrain_directory, probes.num_classes)
-    workdir = os.path.join(output_directory, RUNS_DIRECTORY, method)
+    # Checkpoints land on every evaluation step and are all kept until probed.
+    spacing = checkpoint_spacing(budget.steps, eval_steps)
+    config.training.checkpoint_every_steps = spacing
+    config.training.keep_checkpoints = budget.steps // spacing + 1
+    workdir = os.path.join(output_directory, RUNS_DIRECTORY, key)
     start, cpu = time.perf_counter(), _cpu_seconds()
     train_loop.run(config, workdir)
     train_seconds, train_cpu = time.perf_counter() - start, _cpu_seconds() - cpu
@@ -170,7 +275,9 @@ def run_method(
             f"{method}: the final pretraining loss in {workdir} is not finite."
         )
     start = time.perf_counter()
-    results = _probe(torso_lib.load(workdir, "online").torso, budget, probes)
+    probe_curve, results = _probe_along_the_run(
+        key, config, workdir, eval_steps, budget, probes, output_directory, log
+    )
     entry = _entry(
         method,
         budget,
@@ -181,8 +288,9 @@ def run_method(
         train_cpu,
         time.perf_counter() - start,
         curve,
+        probe_curve,
     )
-    report.write_json(result_path(output_directory, method), entry)
+    report.write_json(result_path(output_directory, key), entry)
     return entry
 
 
@@ -192,16 +300,26 @@ def run_random_init(
     output_directory: str,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """The finished entry of the untrained torso (the baseline every method must beat)."""
-    finished = load_finished(output_directory, RANDOM_INIT, budget, probes)
+    """The finished entry of the untrained torso at budget.seed (the baseline to beat)."""
+    key = run_key(RANDOM_INIT, budget.seed)
+    finished = load_finished(output_directory, key, budget, probes)
     if finished is not None:
-        log(f"{RANDOM_INIT}: reusing {result_path(output_directory, RANDOM_INIT)}")
+        log(f"{key}: reusing {result_path(output_directory, key)}")
         return finished
     start = time.perf_counter()
     torso = features.random_init(budget.depth, 1, budget.seed, budget.image_size)
     results = _probe(torso, budget, probes)
     entry = _entry(
-        RANDOM_INIT, budget, probes, results, None, 0.0, 0.0, time.perf_counter() - start, []
+        RANDOM_INIT,
+        budget,
+        probes,
+        results,
+        None,
+        0.0,
+        0.0,
+        time.perf_counter() - start,
+        [],
+        [_curve_point(0, budget.seed, results)],
     )
-    report.write_json(result_path(output_directory, RANDOM_INIT), entry)
+    report.write_json(result_path(output_directory, key), entry)
     return entry

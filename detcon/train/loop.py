@@ -1,7 +1,9 @@
 """The training loop: init or restore state, feed batches, call the pmapped step, log, checkpoint."""
 
 import copy
+import json
 import math
+import os
 import time
 from typing import Any, Iterator, Optional
 
@@ -13,6 +15,7 @@ from absl import logging
 from detcon import devices as devices_lib
 from detcon import errors
 from detcon import methods as methods_lib
+from detcon.models import networks
 from detcon.train import dataset_fit, mock_data
 from detcon.train import experiment as experiment_lib
 from detcon.train import state as state_lib
@@ -23,6 +26,7 @@ from detcon.workdir import metrics as metrics_lib
 from detcon.workdir import preemption, resume
 
 NonFiniteLossError = errors.NonFiniteLossError  # raised on a NaN or infinite loss
+CONFIG_NAME = "config.json"  # the full config of a run's latest start, in its workdir
 
 
 def batch_layout(global_batch: int) -> tuple[int, int]:
@@ -120,6 +124,7 @@ def real_batches(
         deterministic=config.data.deterministic,
         with_masks=needs.masks,
         crop_min_area=config.data.crop_min_area,
+        num_regions=needs.num_regions,
     )
     index = _local_indices(local_devices, per_device)
     for batch in batches:
@@ -151,6 +156,23 @@ def fit_to_dataset(
         config.data.num_train_examples, info.num_examples, info.examples_source
     )
     return config
+
+
+def warn_if_batch_exceeds_dataset(batch_size: int, num_examples: int) -> bool:
+    """One warning (returns True) when the global batch holds more examples than the dataset."""
+    if batch_size <= num_examples:
+        return False
+    logging.warning(
+        "The global batch (%d) is larger than the dataset (%d images): every batch repeats each "
+        "image about %.0f times, and memory grows with the batch. For small data use "
+        "--batch_size=%d or less (e.g. --batch_size=32 --config.model.depth=18 "
+        "--config.data.image_size=96, as configs/demo.py does).",
+        batch_size,
+        num_examples,
+        batch_size / max(num_examples, 1),
+        num_examples,
+    )
+    return True
 
 
 def _prefetch_to_devices(
@@ -200,11 +222,33 @@ def _maybe_initialise_torso(
     return state
 
 
+def check_names(config: ml_collections.ConfigDict) -> None:
+    """ConfigError (one line) for a method that is not registered or has no config group in this
+    file, or a ResNet depth that does not exist."""
+    try:
+        methods_lib.get(config.method)
+    except ValueError as error:
+        raise errors.ConfigError(f"--config.method={config.method}: {error}") from None
+    if config.method not in config:
+        raise errors.ConfigError(
+            f"--config.method={config.method}: this config file has no '{config.method}' group; "
+            f"use --config=configs/{config.method}.py (each method's file holds its recipe)."
+        )
+    if config.model.depth not in networks.RESNET_DEPTHS:
+        raise errors.ConfigError(
+            f"--config.model.depth={config.model.depth}: choose from "
+            f"{', '.join(map(str, sorted(networks.RESNET_DEPTHS)))}."
+        )
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains until the configured step count; returns the last logged metrics."""
+    check_names(config)
     batch_layout(config.training.batch_size)  # a bad batch fails before any data is read
     directory = None if config.training.mock_data else dataset_directory(config)
     config = fit_to_dataset(config, directory)
+    if directory is not None:
+        warn_if_batch_exceeds_dataset(config.training.batch_size, config.data.num_train_examples)
     with (
         workdir_lock.hold(workdir, enabled=jax.process_index() == 0),
         preemption.stop_on_signals() as stop,
@@ -228,18 +272,29 @@ def _train(
 
     if config.training.restore_step >= 0 and is_chief:
         resume.rewind(workdir, config.training.restore_step)
-    manager, restored = resume.restore_newest_good(
+    layout = {"devices": jax.device_count(), "processes": jax.process_count()}
+    manager, restored, changes = resume.restore_newest_good(
         workdir,
         lambda: checkpoint_lib.make_manager(workdir, config.training.keep_checkpoints),
         state,
         config,
+        layout,
     )
     writer = metrics_lib.MetricsWriter(
         workdir, enabled=is_chief, resume_step=None if restored is None else int(restored.step)
     )
-    meta = {"config": config.to_dict()}
+    meta = {"config": config.to_dict(), "layout": layout}
+    if is_chief:
+        _write_config(config, workdir)
     if restored is not None:
         state = restored
+        if changes:  # a longer or shorter run, or another device count: continue, and say so
+            logging.warning(
+                "Resuming step %d with %s; the schedules now end at step %d.",
+                int(state.step),
+                "; ".join(changes),
+                steps,
+            )
         logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
         writer.truncate_after(int(state.step))
     else:
@@ -299,6 +354,15 @@ def _train(
         writer.close()
         manager.close()
     return logger.last
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The full config as <workdir>/config.json (the console gets one line saying where)."""
+    from detcon.weights import atomic
+
+    path = os.path.join(os.path.abspath(workdir), CONFIG_NAME)
+    atomic.write_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    logging.info("Config: %s", path)
 
 
 def _knn_monitor(config: ml_collections.ConfigDict, directory: Optional[str]) -> Optional[Any]:

@@ -48,6 +48,11 @@ def stop_on_signals() -> Iterator[StopRequest]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    # A signal that came when the block had nothing left to stop (the last step) is handed on to
+    # an enclosing program's own handler (e.g. the study's), which would otherwise never see it.
+    handler = previous.get(request.signal_number) if request.signal_number else None
+    if callable(handler) and handler is not signal.default_int_handler:
+        signal.raise_signal(request.signal_number)
 
 
 def agreed_signal(request: StopRequest, process_count: int) -> Optional[int]:

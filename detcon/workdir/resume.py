@@ -7,7 +7,7 @@ Nothing is deleted here: checkpoints after a chosen --restore_step go to
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import ml_collections
 from absl import logging
@@ -31,6 +31,8 @@ BOOKKEEPING_FIELDS = frozenset(
         "training.allow_pickle",
     }
 )
+# Changing these only moves where the schedules end: the run continues and says so.
+RUN_LENGTH_FIELDS = frozenset({"training.max_steps", "training.pretrain_epochs"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -44,38 +46,57 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(architecture changes, schedule/data changes) as "field: old -> new" strings."""
+def config_changes(
+    saved: dict[str, Any], current: dict[str, Any]
+) -> tuple[list[str], list[str], list[str]]:
+    """(architecture, schedule/data, run length) changes as "field: old -> new" strings."""
     old, new = flatten(saved), flatten(current)
-    architecture, schedule = [], []
+    architecture, schedule, length = [], [], []
     for field in sorted(set(old) | set(new)):
         if field not in old or field not in new or old[field] == new[field]:
             continue  # a field added or removed by a newer version of the code is not a change
         if field in BOOKKEEPING_FIELDS:
             continue
         change = f"{field}: {old[field]!r} -> {new[field]!r}"
-        (architecture if field.startswith(ARCHITECTURE_PREFIXES) else schedule).append(change)
-    return architecture, schedule
+        if field.startswith(ARCHITECTURE_PREFIXES):
+            architecture.append(change)
+        elif field in RUN_LENGTH_FIELDS:
+            length.append(change)
+        else:
+            schedule.append(change)
+    return architecture, schedule, length
 
 
-def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, step: int) -> None:
-    """Raises ConfigChangeError on a changed model/method, or a schedule change not allowed."""
+def check_config(saved: dict[str, Any], config: ml_collections.ConfigDict, step: int) -> list[str]:
+    """Raises ConfigChangeError on a changed model/method, or a schedule change not allowed;
+    returns the run-length changes (max_steps, pretrain_epochs), which need no consent."""
     # Through JSON, as the checkpoint stored it: a tuple field reads back as a list.
     current = json.loads(json.dumps(config.to_dict()))
-    architecture, schedule = config_changes(saved, current)
+    architecture, schedule, length = config_changes(saved, current)
     if architecture:
         raise errors.ConfigChangeError(
             f"The checkpoint at step {step} was trained with a different model or method "
             f"({'; '.join(architecture)}); use a new --workdir for a different model."
         )
     if not schedule:
-        return
+        return length
     if not config.training.allow_config_change:
         raise errors.ConfigChangeError(
             f"The config differs from the checkpoint's at step {step} ({'; '.join(schedule)}); "
             "pass --config.training.allow_config_change=True to resume with the new values."
         )
     logging.warning("Resuming step %d with a changed config: %s", step, "; ".join(schedule))
+    return length
+
+
+def layout_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """ "devices: 8 -> 4"-style strings for the device/host counts that differ from the saved run's
+    (meta["layout"]; absent in older checkpoints, then nothing is reported)."""
+    return [
+        f"{key}: {saved[key]} -> {current[key]}"
+        for key in sorted(current)
+        if key in saved and saved[key] != current[key]
+    ]
 
 
 def read_meta(checkpoint_directory: str, step: int) -> dict[str, Any]:
@@ -123,18 +144,29 @@ def _steps(directory: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
+class Restored(NamedTuple):
+    """What `restore_newest_good` found: the manager, the state (None for a new run) and what
+    changed since the checkpoint without needing consent (run length, device/host counts)."""
+
+    manager: Any
+    state: Optional[checkpoint_lib.State]
+    changes: list[str]
+
+
 def restore_newest_good(
     workdir: str,
     make_manager: Callable[[], Any],
     template: checkpoint_lib.State,
     config: ml_collections.ConfigDict,
-) -> tuple[Any, Optional[checkpoint_lib.State]]:
-    """(manager, state) from the newest checkpoint that restores; state is None for a new run.
+    layout: Optional[dict[str, int]] = None,
+) -> Restored:
+    """The newest checkpoint that restores; its state is None for a new run.
 
     The config is compared with each candidate's saved config before its arrays are read, so a
     changed model is a short message rather than a structure dump. A checkpoint that fails to
     read (a truncated file after a crash or a full disk) is moved to
-    <workdir>/checkpoints_unreadable/ with one warning, and the previous one is tried.
+    <workdir>/checkpoints_unreadable/ with one warning, and the previous one is tried. `layout`
+    ({"devices": 8, "processes": 1}) is compared with the one saved in the checkpoint's meta.
     """
     directory = os.path.join(os.path.abspath(workdir), checkpoint_lib.CHECKPOINT_DIR)
     unreadable = os.path.join(os.path.abspath(workdir), "checkpoints_unreadable")
@@ -146,11 +178,12 @@ def restore_newest_good(
             _set_aside(directory, step, unreadable, error)
             bad_steps.append(step)
             continue
-        check_config(meta.get("config", {}), config, step)
+        changes = check_config(meta.get("config", {}), config, step)
+        changes += layout_changes(meta.get("layout", {}), layout or {})
         manager = make_manager()
         try:
             state, _ = checkpoint_lib.restore(manager, template, step)
-            return manager, state
+            return Restored(manager, state, changes)
         except Exception as error:
             manager.close()
             _set_aside(directory, step, unreadable, error)
@@ -160,7 +193,7 @@ def restore_newest_good(
             f"No checkpoint in {directory} restores (moved {bad_steps} to {unreadable}); re-run "
             "to start the run afresh, or use a new --workdir."
         )
-    return make_manager(), None
+    return Restored(make_manager(), None, [])
 
 
 def _set_aside(directory: str, step: int, destination: str, error: BaseException) -> None:

@@ -9,6 +9,7 @@ import tensorflow as tf
 from skimage.segmentation import felzenszwalb
 
 from detcon.data import image_codec, schema
+from detcon.data.build import region_priors
 
 
 def fh_segmentations(
@@ -30,12 +31,17 @@ def encode_record(
     text: str | None,
     scales: Sequence[float],
     min_sizes: Sequence[int],
+    with_region_priors: bool = False,
 ) -> bytes:
-    """Returns the serialized Example for raw image file bytes; raises image_codec.BadImageError."""
+    """Returns the serialized Example for raw image file bytes; raises image_codec.BadImageError.
+
+    with_region_priors adds DETReg's selective-search regions (detcon/data/build/region_priors.py).
+    """
     jpeg, pixels = image_codec.to_rgb_jpeg(data)
     # FH runs on the pixels training decodes from `jpeg`, not on the source file's pixels.
     segmentations = fh_segmentations(pixels, scales, min_sizes)
     height, width = pixels.shape[:2]
+    regions = region_priors.selective_search(pixels) if with_region_priors else None
     example = schema.build_example(
         jpeg=jpeg,
         height=height,
@@ -47,6 +53,9 @@ def encode_record(
         text=text,
         fh_scales=scales,
         fh_min_sizes=min_sizes,
+        region_boxes=None if regions is None else regions.boxes,
+        region_box_index=None if regions is None else regions.box_index,
+        region_levels=None if regions is None else regions.levels,
     )
     # Map order otherwise varies between processes; re-runs should be byte-identical.
     return example.SerializeToString(deterministic=True)

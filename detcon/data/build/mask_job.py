@@ -10,6 +10,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import json
 import logging
@@ -35,10 +36,12 @@ EncodeResult = tuple[bytes | None, str]  # (serialized record, "") or (None, rea
 
 @dataclasses.dataclass(frozen=True)
 class FhParams:
-    """FH parameters, one (scale, min_size) pair per stored segmentation."""
+    """FH parameters, one (scale, min_size) pair per stored segmentation; and whether records
+    also get DETReg's region priors (selective search, detcon/data/build/region_priors.py)."""
 
     scales: tuple[float, ...]
     min_sizes: tuple[int, ...]
+    region_priors: bool = False
 
     def __post_init__(self) -> None:
         if not self.scales or len(self.scales) != len(self.min_sizes):
@@ -59,6 +62,7 @@ class SplitSummary:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     shards_written: int = 0
     shards_already_complete: int = 0
+    shards_rewritten: list[str] = dataclasses.field(default_factory=list)  # failed verification
 
 
 def shard_bounds(num_files: int, num_shards: int) -> list[tuple[int, int]]:
@@ -87,6 +91,7 @@ def encode_file(image: image_folder.ImageFile, params: FhParams) -> EncodeResult
             text=image.text,
             scales=params.scales,
             min_sizes=params.min_sizes,
+            with_region_priors=params.region_priors,
         )
         return record, ""
     except schema.TooManySegmentsError:
@@ -249,6 +254,7 @@ def _manifest(
         "num_shards": num_shards,
         "fh_scales": list(params.scales),
         "fh_min_sizes": list(params.min_sizes),
+        "region_priors": params.region_priors,
         "seed": seed,
     }
 
@@ -263,6 +269,7 @@ def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle)
+        previous.setdefault("region_priors", False)  # written before region priors existed
         # A key an older version did not write is derived from the inputs the digest covers.
         differing = sorted(k for k in manifest if k in previous and previous[k] != manifest[k])
         if differing:
@@ -286,6 +293,58 @@ def _check_or_write_manifest(output_directory: str, manifest: dict) -> None:
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2, sort_keys=True)
     os.replace(temporary, path)
+
+
+# Images per shard below which the default shard count shrinks (the official 2048 train and 256
+# validation shards hold ~625 and ~195 ImageNet images): small folders get a few full shards.
+MIN_IMAGES_PER_SHARD = 64
+
+
+def default_num_shards(num_files: int, official: int) -> int:
+    """The official shard count, or fewer for small inputs: at least MIN_IMAGES_PER_SHARD images
+    per shard (1 shard for 19 images, 2048 for ImageNet's train split)."""
+    return max(1, min(official, -(-num_files // MIN_IMAGES_PER_SHARD)))
+
+
+@contextlib.contextmanager
+def _manifest_locked(output_directory: str, split: str) -> Iterator[dict]:
+    """Yields the split's manifest for changes, under an exclusive lock (tasks share it), and
+    writes it back atomically."""
+    path = manifest_path(output_directory, split)
+    # The lock is on the directory itself: no lock file is left among the shards.
+    lock = os.open(output_directory, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        yield manifest
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def record_shard(
+    output_directory: str, split: str, path: str, records: int, skipped: list[tuple[str, str]]
+) -> None:
+    """Adds a finished shard's record count, size, SHA-256 and skipped files to the manifest."""
+    entry = {
+        "records": records,
+        "bytes": os.path.getsize(path),
+        "sha256": shards.file_digest(path),
+        "skipped": [list(item) for item in skipped],
+    }
+    with _manifest_locked(output_directory, split) as manifest:
+        manifest.setdefault("shards", {})[os.path.basename(path)] = entry
+
+
+def shard_entries(output_directory: str, split: str) -> dict[str, dict]:
+    """The manifest's per-shard entries ({} for shards written by an older version)."""
+    return (shards.read_manifest(output_directory, split) or {}).get("shards", {})
 
 
 def _pid_alive(pid: int) -> bool:
@@ -354,13 +413,21 @@ def generate_split(
         )
     bounds = shard_bounds(len(files), num_shards)
     summary = SplitSummary(split)
+    entries = shard_entries(output_directory, split)
     todo = []
     for index in task_shards(num_shards, task_index, num_tasks):
         path = os.path.join(output_directory, shards.shard_name(split, index, num_shards))
-        if os.path.exists(path):
+        entry = entries.get(os.path.basename(path))
+        problem = shards.shard_problem(path, entry) if os.path.exists(path) else None
+        if os.path.exists(path) and problem is None:
             summary.shards_already_complete += 1
-        else:
-            todo.append((path, bounds[index]))
+            summary.skipped += [tuple(item) for item in (entry or {}).get("skipped", [])]
+            continue
+        if problem is not None:  # cut short by a copy or a full disk: write it again
+            logging.warning("%s: %s; rewriting it", path, problem)
+            summary.shards_rewritten.append(path)
+            os.remove(path)
+        todo.append((path, bounds[index]))
     remove_stale_temporaries(output_directory, split, [path for path, _ in todo])
     if summary.shards_already_complete:
         logging.info(
@@ -378,10 +445,12 @@ def generate_split(
     try:
         for path, (start, end) in todo:
             in_shard = 0
+            skipped_here: list[tuple[str, str]] = []
             with fh_records.atomic_shard(path) as writer:
                 for image in files[start:end]:
                     record, reason = next(results)
                     if record is None:
+                        skipped_here.append((image.relative_path, reason))
                         summary.skipped.append((image.relative_path, reason))
                         logging.warning("skipping %s: %s", image.path, reason)
                     else:
@@ -391,6 +460,7 @@ def generate_split(
                     progress.update(1)
                     progress.set_postfix(skipped=len(summary.skipped), refresh=False)
             shards.write_record_count(path, in_shard)
+            record_shard(output_directory, split, path, in_shard, skipped_here)
             summary.shards_written += 1
     finally:
         progress.close()

@@ -7,6 +7,8 @@ From one seed it writes, under one directory:
     pretrain/fh_masks_train.json       writer), label = class with the most visible pixels
     voc/JPEGImages, SegmentationClass, ImageSets/Segmentation/{train,val}.txt
                                        other scenes with ground truth (0 background, 1..K shapes)
+    voc/instances_{train,val}.json     the same scenes' objects, COCO-style (boxes, classes,
+                                       RLE masks; file_name in voc/JPEGImages), for pycocotools
     classification/{train,validation}-NNNNN-of-NNNNN
                                        one centred object per image, label = shape class (1..K),
                                        classes balanced, for kNN and linear probes
@@ -14,6 +16,8 @@ From one seed it writes, under one directory:
 Every image is drawn from its own generator seeded by (seed, part, index), so the parts never share
 an image and any image can be re-rendered alone.  The directory is built in a staging folder and
 renamed when complete; asking again with the same settings returns it untouched.
+With `region_priors` the pretraining records also hold DETReg's selective-search regions
+(detcon/data/build/region_priors.py; ~0.4 s per image, so off by default).
 """
 
 import dataclasses
@@ -25,10 +29,10 @@ from collections.abc import Callable
 import numpy as np
 
 from detcon.data import image_codec, shards
-from detcon.data.build import fh_records, mask_job, publish, scene_render, voc
+from detcon.data.build import coco, fh_records, mask_job, publish, scene_render, voc
 
 MANIFEST_NAME = "scenes.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: COCO-style instances beside the VOC set
 PRETRAIN_DIRECTORY = "pretrain"
 VOC_DIRECTORY = "voc"
 CLASSIFICATION_DIRECTORY = "classification"
@@ -56,6 +60,8 @@ class SceneDatasetSpec:
     # (ImageNet's 1000/1000 would merge most objects into the background).  On the default
     # scenes: median 20 segments (5-95 %: 7-50), 94 % of pixels in a segment's majority object.
     fh: mask_job.FhParams | None = None
+    # DETReg's region priors in the pretraining records (scripts/make_scenes.py --region_priors).
+    region_priors: bool = False
 
     def __post_init__(self) -> None:
         counts = {
@@ -95,6 +101,11 @@ class SceneDatasetSpec:
         fields = dataclasses.asdict(self)
         fields["fh"] = {"scales": list(fh.scales), "min_sizes": list(fh.min_sizes)}
         return fields
+
+
+def coco_path(root: str, split: str) -> str:
+    """Returns the COCO-style annotations of VOC split `split` of the dataset at `root`."""
+    return os.path.join(root, VOC_DIRECTORY, f"instances_{split}.json")
 
 
 def class_names() -> list[str]:
@@ -139,7 +150,9 @@ def _jpeg(scene: scene_render.Scene) -> bytes:
     return image_codec.encode_jpeg(scene.image, full_chroma=True)
 
 
-def _record(jpeg: bytes, name: str, label: int, fh: mask_job.FhParams) -> bytes:
+def _record(
+    jpeg: bytes, name: str, label: int, fh: mask_job.FhParams, region_priors: bool = False
+) -> bytes:
     """Returns the serialized record of one image, made by the real-data writer."""
     synset = class_names()[label - 1] if label else ""
     return fh_records.encode_record(
@@ -150,6 +163,7 @@ def _record(jpeg: bytes, name: str, label: int, fh: mask_job.FhParams) -> bytes:
         text=synset or None,
         scales=fh.scales,
         min_sizes=fh.min_sizes,
+        with_region_priors=region_priors,
     )
 
 
@@ -164,7 +178,9 @@ def _write_shards(
                 writer.write(record(i))
 
 
-def _split_manifest(spec: SceneDatasetSpec, split: str, num_files: int, num_shards: int) -> dict:
+def _split_manifest(
+    spec: SceneDatasetSpec, split: str, num_files: int, num_shards: int, region_priors: bool = False
+) -> dict:
     """Returns the per-split manifest in mask_job's format (the input digest is the spec's)."""
     fh = spec.fh_params()
     digest = hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()
@@ -176,6 +192,7 @@ def _split_manifest(spec: SceneDatasetSpec, split: str, num_files: int, num_shar
         "num_shards": num_shards,
         "fh_scales": list(fh.scales),
         "fh_min_sizes": list(fh.min_sizes),
+        "region_priors": region_priors,
         "seed": spec.seed,
         "generator": "detcon.data.build.scenes",
     }
@@ -195,12 +212,13 @@ def _write_pretrain(spec: SceneDatasetSpec, root: str) -> None:
     def record(index: int) -> bytes:
         scene = pretrain_scene(spec, index)
         jpeg = _jpeg(scene)
-        return _record(jpeg, f"scene_{index:06d}", dominant_class(scene), fh)
+        name = f"scene_{index:06d}"
+        return _record(jpeg, name, dominant_class(scene), fh, spec.region_priors)
 
     _write_shards(directory, "train", spec.num_pretrain, spec.pretrain_shards, record)
     _write_json(
         mask_job.manifest_path(directory, "train"),
-        _split_manifest(spec, "train", spec.num_pretrain, spec.pretrain_shards),
+        _split_manifest(spec, "train", spec.num_pretrain, spec.pretrain_shards, spec.region_priors),
     )
 
 
@@ -211,12 +229,16 @@ def _write_voc(spec: SceneDatasetSpec, root: str) -> None:
     paths = voc.layout_paths(directory)
     for split, count in (("train", spec.num_voc_train), ("val", spec.num_voc_val)):
         ids = [f"{split}_{i:06d}" for i in range(count)]
+        instances = []
         for index, image_id in enumerate(ids):
             scene = voc_scene(spec, split, index)
             with open(os.path.join(paths["images"], f"{image_id}.jpg"), "wb") as handle:
                 handle.write(_jpeg(scene))
             voc.write_label_png(os.path.join(paths["labels"], f"{image_id}.png"), scene.class_map)
+            categories = [obj.shape + 1 for obj in scene.objects]
+            instances.append((f"{image_id}.jpg", scene.instance_map, categories))
         voc.write_image_set(directory, split, ids)
+        _write_json(coco_path(root, split), coco.dataset(instances, class_names()))
 
 
 def _write_classification(spec: SceneDatasetSpec, root: str) -> None:
