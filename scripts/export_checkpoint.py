@@ -6,11 +6,14 @@ r"""Exports the pretrained ResNet encoder for PyTorch fine-tuning (torchvision, 
       --output=/tmp/detcon_r50.pkl
   python scripts/export_checkpoint.py --checkpoint=detcon_b_imagenet.npy --allow_pickle \
       --format=npz --output=/tmp/detcon_r50.npz   # a DeepMind release file as input
+  python scripts/export_checkpoint.py --checkpoint=/path/to/detreg_workdir --format=detr \
+      --output=/tmp/detreg_detr.pth   # a DETReg run -> facebookresearch/detr {'model': ...}
 
 --checkpoint is a run's workdir (its latest checkpoint), one checkpoint step directory, or a
 single file: DeepMind's pickled .npy/.pkl releases (need --allow_pickle) or an .npz from this
 script. Depth and width come from the run's config (files: from the parameter shapes). See
-docs/finetune.md for the detectron2 / MMSegmentation settings these weights need.
+docs/finetune.md for the detectron2 / MMSegmentation settings these weights need. --format=detr
+takes a DETReg run (workdir or step directory) and needs torch; see docs/detreg.md.
 """
 
 import os
@@ -34,7 +37,7 @@ _OUTPUT = flags.DEFINE_string(
     "output",
     None,
     "Output path. torchvision writes PATH.safetensors and, when torch is "
-    "importable, PATH.pth; detectron2 writes PATH.pkl; npz writes PATH.npz.",
+    "importable, PATH.pth; detectron2 writes PATH.pkl; npz writes PATH.npz; detr writes PATH.pth.",
     required=True,
 )
 _NETWORK = flags.DEFINE_enum(
@@ -72,6 +75,24 @@ def _width_hint(fmt: str, depth: int, width: int) -> str:
     return ""
 
 
+def _export_detr(path: str, network: str, output: str) -> list[str]:
+    """A DETReg run's detector -> facebookresearch/detr's {'model': state_dict} .pth."""
+    from detcon.workdir import checkpoint as checkpoint_lib
+
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"--format=detr needs a DETReg run's workdir or step directory; {path} is not one."
+        )
+    if not export.torch_available():
+        raise ValueError("--format=detr writes a torch .pth: install torch, or use --format=npz.")
+    paths = export.output_paths(output, "detr", with_torch=True)
+    params, state, config = checkpoint_lib.load_network(path, network)
+    depth = int(config.get("model", {}).get("depth", 0))
+    tensors = export.refuse_non_finite(export.haiku_to_detr(params, state, depth))
+    export.write_detr(tensors, paths[0])
+    return paths
+
+
 @cli.one_line_usage_errors
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs each file it reads at INFO
@@ -81,6 +102,10 @@ def main(argv: list[str]) -> None:
     try:
         # Fail on a bad --output before spending time loading the checkpoint.
         export.output_paths(_OUTPUT.value, _FORMAT.value, with_torch=False)
+        if _FORMAT.value == "detr":
+            for p in _export_detr(path, _NETWORK.value, _OUTPUT.value):
+                print(f"wrote {p} ({os.path.getsize(p) / 2**20:.1f} MiB)")
+            return
         loaded = torso_lib.load(path, _NETWORK.value, allow_pickle=_ALLOW_PICKLE.value)
         if loaded.report is not None:
             print(loaded.report.summary())

@@ -50,6 +50,7 @@ def _batch(config, step: int, num_devices: int) -> dict:
         config.training.batch_size // num_devices,
         config.data.image_size,
         config.model.num_classes,
+        num_boxes=methods.get(config.method).data_needs(config).num_regions,
     )
 
 
@@ -117,6 +118,8 @@ def test_loss_falls_on_a_fixed_batch(method):
     # MoCo family): 0.1 per step.
     if config.optim.name == "sgd":
         config.optim.base_learning_rate = 3.2
+    elif config.optim.name == "adamw":
+        config.optim.base_learning_rate = 1e-3  # DETReg: AdamW steps ~lr per weight, unscaled
     else:
         config.optim.base_learning_rate = (
             100.0 if experiment_lib.methods_lib.get(method).has_target else 10.0

@@ -237,7 +237,7 @@ def test_make_optimizer_builds_sgd_and_names_the_choices():
     # Step 0, no warm-up: lr 0.03 * 512 / 256 on the decay term alone.
     np.testing.assert_allclose(updates["linear"]["w"], -0.06 * 1e-4, rtol=1e-5)
     config.optim.name = "adam"
-    with pytest.raises(ValueError, match="--config.optim.name='adam'.*'lars' or 'sgd'"):
+    with pytest.raises(ValueError, match="--config.optim.name='adam'.*'lars', 'sgd' or 'adamw'"):
         optim.make_optimizer(config, 100)
 
 

@@ -52,9 +52,16 @@ def step_config(
 def synthetic_batch(
     config: ml_collections.ConfigDict, local_devices: int, per_device_batch: int
 ) -> dict[str, np.ndarray]:
-    """The trainer's mock batch [D, b, ...] at the config's image size and class count."""
+    """The trainer's mock batch [D, b, ...] at the config's image size and class count (with
+    region priors for methods that need them)."""
     return mock_data.device_batch(
-        0, 0, local_devices, per_device_batch, config.data.image_size, config.model.num_classes
+        0,
+        0,
+        local_devices,
+        per_device_batch,
+        config.data.image_size,
+        config.model.num_classes,
+        num_boxes=methods_lib.get(config.method).data_needs(config).num_regions,
     )
 
 

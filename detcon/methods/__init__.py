@@ -11,6 +11,7 @@ from detcon.methods import (
     detco,  # noqa: F401
     detcon_b,  # noqa: F401
     detcon_s,  # noqa: F401
+    detreg,  # noqa: F401
     moco,  # noqa: F401
     simclr,  # noqa: F401
 )

@@ -1,9 +1,13 @@
-"""Objectives as pure `jnp` functions: DetCon-B/S, BYOL, SimCLR, MoCo v2, DenseCL, DetCo, probe."""
+"""Objectives as pure `jnp` functions: DetCon-B/S, BYOL, SimCLR, MoCo v2, DenseCL, DetCo, DETReg,
+probe."""
 
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from detcon.ops import boxes as box_ops
+from detcon.ops import matching
 
 # Subtracted from logits that must leave the softmax; finite (unlike -inf) so that gradients
 # and fully masked rows stay NaN-free.
@@ -282,3 +286,155 @@ def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     weight = labelled.astype(log_probs.dtype)
     count = jnp.maximum(jnp.sum(weight), 1.0)
     return jnp.sum(nll * weight) / count, jnp.sum(correct * weight) / count
+
+
+def detr_match_cost(
+    logits: jax.Array,
+    boxes: jax.Array,
+    target_boxes: jax.Array,
+    *,
+    target_class: int,
+    cost_class: float,
+    cost_bbox: float,
+    cost_giou: float,
+) -> jax.Array:
+    """DETR's matching cost (detr_matcher.py): class -p(target), L1 and -GIoU on cxcywh boxes.
+
+    logits [B, Q, C+1], boxes [B, Q, 4], target_boxes [B, T, 4] (all of class `target_class`)
+    -> [B, Q, T].
+    """
+    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., target_class]
+    l1 = jnp.sum(jnp.abs(boxes[:, :, None, :] - target_boxes[:, None, :, :]), axis=-1)
+    giou = jax.vmap(box_ops.generalized_box_iou)(
+        box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(target_boxes)
+    )
+    return cost_bbox * l1 - cost_class * prob[..., None] - cost_giou * giou
+
+
+def _gather_queries(x: jax.Array, match: jax.Array) -> jax.Array:
+    """Rows of x [B, Q, D] at the matched queries match [B, T] (-1 read as 0) -> [B, T, D]."""
+    return jnp.take_along_axis(x, jnp.maximum(match, 0)[..., None], axis=1)
+
+
+def _paired_giou(a: jax.Array, b: jax.Array) -> jax.Array:
+    """GIoU of corresponding cxcywh boxes: [..., 4], [..., 4] -> [...]."""
+    flat_a = box_ops.cxcywh_to_xyxy(a).reshape(-1, 1, 4)
+    flat_b = box_ops.cxcywh_to_xyxy(b).reshape(-1, 1, 4)
+    giou = jax.vmap(box_ops.generalized_box_iou)(flat_a, flat_b)
+    return giou.reshape(a.shape[:-1])
+
+
+def _detr_layer_losses(
+    logits: jax.Array,
+    boxes: jax.Array,
+    match: jax.Array,
+    target_boxes: jax.Array,
+    valid: jax.Array,
+    num_boxes: jax.Array,
+    *,
+    target_class: int,
+    eos_coef: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer's (loss_ce, loss_bbox, loss_giou) under `match` [B, T] (detr.py)."""
+    num_queries, no_object = logits.shape[1], logits.shape[-1] - 1
+    assigned = (match[..., None] == jnp.arange(num_queries)) & valid[..., None]  # [B, T, Q]
+    is_matched = jnp.any(assigned, axis=1)  # [B, Q]
+    classes = jnp.where(is_matched, target_class, no_object)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, classes[..., None], axis=-1)[..., 0]
+    # F.cross_entropy with class weights (no-object eos_coef) divides by the summed weights.
+    weight = jnp.where(is_matched, 1.0, eos_coef)
+    loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)
+    mask = valid.astype(jnp.float32)
+    matched = _gather_queries(boxes, match)
+    loss_bbox = jnp.sum(mask[..., None] * jnp.abs(matched - target_boxes)) / num_boxes
+    giou = _paired_giou(matched, jnp.where(valid[..., None], target_boxes, matched))
+    loss_giou = jnp.sum(mask * (1.0 - giou)) / num_boxes
+    return loss_ce, loss_bbox, loss_giou
+
+
+def detreg_loss(
+    pred_logits: jax.Array,
+    pred_boxes: jax.Array,
+    pred_embed: jax.Array,
+    target_boxes: jax.Array,
+    target_valid: jax.Array,
+    target_embed: jax.Array,
+    *,
+    axis_name: Optional[str] = None,
+    target_class: int = 1,
+    cost_class: float = 1.0,
+    cost_bbox: float = 5.0,
+    cost_giou: float = 2.0,
+    ce_weight: float = 1.0,
+    bbox_weight: float = 5.0,
+    giou_weight: float = 2.0,
+    embed_weight: float = 1.0,
+    eos_coef: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DETReg's criterion, DETR variant (amirbar/DETReg models/detr.py SetCriterion).
+
+    pred_logits [L, B, Q, C+1] and pred_boxes [L, B, Q, 4] (cxcywh in [0, 1]) of every decoder
+    layer, pred_embed [B, Q, E] of the last; target_boxes [B, T, 4] cxcywh, target_valid [B, T]
+    bool, target_embed [B, T, E]. Each layer is matched on its own (auxiliary losses); the box
+    terms divide by the valid-box count averaged over devices, at least 1, as the official
+    all-reduce; the embedding L1 is the mean over matched (pair, dimension) entries of this device.
+    Returns (total, metrics of the last layer: loss_ce, loss_bbox, loss_giou,
+    loss_object_embedding, unweighted).
+    """
+    num_layers, batch, num_queries = pred_logits.shape[:3]
+    num_targets = target_boxes.shape[1]
+    target_boxes = target_boxes.astype(jnp.float32)
+    pred_boxes = pred_boxes.astype(jnp.float32)
+    valid = target_valid.astype(bool)
+    count = jnp.sum(valid.astype(jnp.float32))
+    num_boxes = jax.lax.pmean(count, axis_name) if axis_name is not None else count
+    num_boxes = jnp.maximum(num_boxes, 1.0)
+
+    cost = jax.vmap(
+        lambda lg, bx: detr_match_cost(
+            lg,
+            bx,
+            target_boxes,
+            target_class=target_class,
+            cost_class=cost_class,
+            cost_bbox=cost_bbox,
+            cost_giou=cost_giou,
+        )
+    )(pred_logits, pred_boxes)
+    # One host call for every layer's matching.
+    match = matching.hungarian_match(
+        cost.reshape(num_layers * batch, num_queries, num_targets),
+        jnp.tile(valid, (num_layers, 1)),
+    ).reshape(num_layers, batch, num_targets)
+
+    per_layer = jax.vmap(
+        lambda lg, bx, m: _detr_layer_losses(
+            lg,
+            bx,
+            m,
+            target_boxes,
+            valid,
+            num_boxes,
+            target_class=target_class,
+            eos_coef=eos_coef,
+        )
+    )(pred_logits, pred_boxes, match)
+    loss_ce, loss_bbox, loss_giou = per_layer  # each [L]
+
+    mask = valid.astype(jnp.float32)[..., None]
+    embed = _gather_queries(pred_embed.astype(jnp.float32), match[-1])
+    entries = jnp.maximum(count, 1.0) * pred_embed.shape[-1]
+    loss_embed = jnp.sum(mask * jnp.abs(embed - target_embed.astype(jnp.float32))) / entries
+
+    total = (
+        jnp.sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)
+        + embed_weight * loss_embed
+    )
+    metrics = dict(
+        loss_ce=loss_ce[-1],
+        loss_bbox=loss_bbox[-1],
+        loss_giou=loss_giou[-1],
+        loss_object_embedding=loss_embed,
+    )
+    return total, metrics

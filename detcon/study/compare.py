@@ -17,10 +17,24 @@ from detcon.weights import atomic
 JSON_NAME, TABLE_NAME, CHART_NAME = "compare.json", "compare.md", "compare.png"
 
 
+def default_methods() -> list[str]:
+    """The registered methods the scenes' records can feed: those needing region priors
+    (DETReg) are left out, since the scenes carry none yet; naming them still runs them."""
+    budget = budget_lib.Budget()
+    return [
+        name
+        for name in methods_lib.names()
+        if methods_lib.get(name)
+        .data_needs(budget_lib.method_config(name, budget, "", num_classes=1))
+        .num_regions
+        == 0
+    ]
+
+
 def check_methods(names: Sequence[str]) -> list[str]:
-    """`names` validated against the registry (all registered methods when empty)."""
+    """`names` validated against the registry (default_methods() when empty)."""
     registered = methods_lib.names()
-    chosen = list(dict.fromkeys(names)) or list(registered)
+    chosen = list(dict.fromkeys(names)) or default_methods()
     unknown = [n for n in chosen if n not in registered]
     if unknown:
         raise ValueError(

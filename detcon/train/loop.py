@@ -65,6 +65,7 @@ def mock_batches(
     """Deterministic synthetic batches [D, b, ...]: step t's data depends only on t."""
     step = start_step
     first = int(_local_indices(local_devices, per_device)[0, 0])
+    num_boxes = methods_lib.get(config.method).data_needs(config).num_regions
     while True:
         yield mock_data.device_batch(
             config.training.seed,
@@ -74,6 +75,7 @@ def mock_batches(
             config.data.image_size,
             config.model.num_classes,
             first,
+            num_boxes,
         )
         step += 1
 
@@ -187,36 +189,39 @@ def _prefetch_to_devices(
     yield from queue
 
 
+def _torso_checkpoint(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """(path, flag) of the torso to start from: training.init_checkpoint, or the method's own
+    backbone_checkpoint (DETReg's frozen torso); ('', '') for none."""
+    if config.training.init_checkpoint:
+        return config.training.init_checkpoint, "--config.training.init_checkpoint"
+    own = config[config.method].get("backbone_checkpoint", "")
+    return own, f"--config.{config.method}.backbone_checkpoint"
+
+
 def _maybe_initialise_torso(
     config: ml_collections.ConfigDict, state: state_lib.TrainState
 ) -> state_lib.TrainState:
     """Loads a torso (a run, an .npz export or a DeepMind release) into online and target
     networks when configured."""
-    if not config.training.init_checkpoint:
+    path, flag = _torso_checkpoint(config)
+    if not path:
         return state
     from detcon.weights import torso as torso_lib
 
     try:
-        torso = torso_lib.load(
-            config.training.init_checkpoint, allow_pickle=config.training.allow_pickle
-        ).torso
+        torso = torso_lib.load(path, allow_pickle=config.training.allow_pickle).torso
     except ValueError as error:  # an incomplete torso file
-        raise ValueError(
-            f"--config.training.init_checkpoint={config.training.init_checkpoint!r} "
-            f"does not fill the torso: {error}"
-        ) from None
+        raise ValueError(f"{flag}={path!r} does not fill the torso: {error}") from None
     params, net_state, report = torso_lib.into_network(
         torso, state.online_params, state.online_state
     )
     if not report.ok:  # a half-loaded torso would train silently from a different start
-        raise ValueError(
-            f"--config.training.init_checkpoint={config.training.init_checkpoint!r} "
-            f"does not fill the torso:\n{report.summary()}"
-        )
-    logging.info("Initialised torso from %s: %s", config.training.init_checkpoint, report)
-    return state._replace(
-        online_params=params, online_state=net_state, target_params=params, target_state=net_state
-    )
+        raise ValueError(f"{flag}={path!r} does not fill the torso:\n{report.summary()}")
+    logging.info("Initialised torso from %s: %s", path, report)
+    state = state._replace(online_params=params, online_state=net_state)
+    if methods_lib.get(config.method).has_target:  # no target tree for methods without one
+        state = state._replace(target_params=params, target_state=net_state)
+    return state
 
 
 def check_names(config: ml_collections.ConfigDict) -> None:

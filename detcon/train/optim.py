@@ -1,5 +1,6 @@
-"""LARS as an optax chain and MoCo's SGD, the learning-rate schedule of BYOL/DetCon, and the
-optimiser a config asks for."""
+"""LARS as an optax chain, MoCo's SGD, DETR's AdamW with a frozen torso, the learning-rate
+schedules (BYOL/DetCon's warm-up + cosine, DETR's step drop), and the optimiser a config asks
+for."""
 
 import functools
 from typing import Any, Union
@@ -94,6 +95,55 @@ def sgd(
     )
 
 
+def frozen_labels(params: Any, frozen_prefix: str) -> Any:
+    """'frozen' for the leaves of modules named `frozen_prefix`..., else 'trainable'."""
+    return {
+        module: {
+            name: "frozen" if frozen_prefix and module.startswith(frozen_prefix) else "trainable"
+            for name in leaves
+        }
+        for module, leaves in params.items()
+    }
+
+
+def adamw(
+    learning_rate: Union[float, optax.Schedule],
+    *,
+    weight_decay: float = 1e-4,
+    clip_norm: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    frozen_prefix: str = "",
+) -> optax.GradientTransformation:
+    """torch.optim.AdamW after clip_grad_norm_, as DETR/DETReg train (main.py, engine.py).
+
+    Modules whose name starts with `frozen_prefix` (the torso, 'res_net') are frozen as the
+    official `--lr_backbone 0` freezes them (requires_grad False, outside the optimiser): their
+    updates are zero, they hold no Adam moments, and the clipping norm is taken over the
+    trainable leaves only. Weight decay applies to every trainable leaf, biases included, as
+    torch's AdamW param groups there do.
+    """
+    trainable = optax.chain(
+        optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity(),
+        optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+    if not frozen_prefix:
+        return trainable
+    return optax.multi_transform(
+        {"trainable": trainable, "frozen": optax.set_to_zero()},
+        functools.partial(frozen_labels, frozen_prefix=frozen_prefix),
+    )
+
+
+def step_drop_learning_rate(
+    step: Union[int, jax.Array], *, base_learning_rate: float, drop_steps: int
+) -> jax.Array:
+    """DETR's StepLR: base until drop_steps, then base / 10 (no batch scaling, no warm-up)."""
+    dropped = jnp.asarray(step) >= drop_steps
+    return jnp.where(dropped, 0.1 * base_learning_rate, base_learning_rate).astype(jnp.float32)
+
+
 def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
     """Warm-up length in steps by config.optim.warmup_rule.
 
@@ -123,6 +173,14 @@ def warmup_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
 
 def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """The config's learning-rate schedule as a function of the step."""
+    if config.optim.name == "adamw":
+        epochs = config.optim.get("lr_drop_epochs", 200)
+        examples = max(1, config.data.num_train_examples)
+        return functools.partial(
+            step_drop_learning_rate,
+            base_learning_rate=config.optim.base_learning_rate,
+            drop_steps=max(1, int(epochs * examples // config.training.batch_size)),
+        )
     return functools.partial(
         learning_rate,
         base_learning_rate=config.optim.base_learning_rate,
@@ -146,6 +204,18 @@ def make_optimizer(
         )
     if config.optim.name == "sgd":
         return sgd(schedule, weight_decay=config.optim.weight_decay, momentum=config.optim.momentum)
+    if config.optim.name == "adamw":
+        o = config.optim  # defaults: DETR's main.py; configs/detreg.py sets them all
+        return adamw(
+            schedule,
+            weight_decay=o.weight_decay,
+            clip_norm=o.get("clip_norm", 0.1),
+            b1=o.get("b1", 0.9),
+            b2=o.get("b2", 0.999),
+            eps=o.get("eps", 1e-8),
+            frozen_prefix=o.get("frozen_prefix", ""),
+        )
     raise ValueError(
-        f"--config.optim.name={config.optim.name!r} is not an optimiser; choose 'lars' or 'sgd'."
+        f"--config.optim.name={config.optim.name!r} is not an optimiser; choose 'lars', 'sgd' "
+        "or 'adamw'."
     )

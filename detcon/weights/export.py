@@ -1,4 +1,5 @@
-"""Converts the Haiku ResNet torso to torchvision, detectron2 and flat-npz weights (no TensorFlow).
+"""Converts the Haiku ResNet torso to torchvision, detectron2 and flat-npz weights, and a DETReg
+detector to facebookresearch/detr's state dict (no TensorFlow).
 
 Haiku layout: params `{module: {"w" | "scale" | "offset": array}}`, BatchNorm statistics in state
 `{module/~/mean_ema | var_ema: {"average", "hidden", "counter"}}`. Eval-mode BatchNorm reads
@@ -17,7 +18,7 @@ from detcon.weights.atomic import atomic_write
 from detcon.workdir import finite
 
 Params = Mapping[str, Mapping[str, Any]]
-FORMATS = ("torchvision", "detectron2", "npz")
+FORMATS = ("torchvision", "detectron2", "npz", "detr")
 EMA_LEAVES = frozenset({"average", "hidden", "counter"})
 _SEP = "/~/"
 
@@ -161,6 +162,98 @@ def detectron2_checkpoint(model: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {"model": dict(model), "__author__": "detcon", "matching_heuristics": True}
 
 
+def _linear(params: Params, module: str, prefix: str) -> dict[str, np.ndarray]:
+    """A Haiku Linear [in, out] as torch Linear `prefix`.weight [out, in] and .bias."""
+    return {
+        prefix + "weight": np.ascontiguousarray(np.asarray(params[module]["w"]).T),
+        prefix + "bias": np.asarray(params[module]["b"]),
+    }
+
+
+def _layer_norm(params: Params, module: str, prefix: str) -> dict[str, np.ndarray]:
+    """A Haiku LayerNorm as torch LayerNorm `prefix`.weight / .bias."""
+    return {
+        prefix + "weight": np.asarray(params[module]["scale"]),
+        prefix + "bias": np.asarray(params[module]["offset"]),
+    }
+
+
+def _attention(params: Params, module: str, prefix: str) -> dict[str, np.ndarray]:
+    """Our q/k/v/out projections as nn.MultiheadAttention's fused in_proj [3d, d] and out_proj."""
+    q, k, v = (params[f"{module}/{n}_proj"] for n in ("q", "k", "v"))
+    out = {
+        prefix + "in_proj_weight": np.concatenate([np.asarray(x["w"]).T for x in (q, k, v)]),
+        prefix + "in_proj_bias": np.concatenate([np.asarray(x["b"]) for x in (q, k, v)]),
+    }
+    out.update(_linear(params, f"{module}/out_proj", prefix + "out_proj."))
+    return out
+
+
+def _count(params: Params, stem: str) -> int:
+    """How many modules `stem`0, `stem`1, ... the tree holds (their sub-modules included)."""
+    n = 0
+    while any(m == f"{stem}{n}" or m.startswith(f"{stem}{n}/") for m in params):
+        n += 1
+    return n
+
+
+def haiku_to_detr(params: Params, state: Params, depth: int) -> dict[str, np.ndarray]:
+    """facebookresearch/detr's `model` state dict from a DETReg detector's Haiku params/state.
+
+    backbone.0.body.* (torchvision names, FrozenBatchNorm2d: no num_batches_tracked),
+    input_proj, query_embed, transformer.{encoder,decoder}.layers.N.*, the final norms,
+    class_embed and bbox_embed.layers.N. The object-embedding head (feature_embed) and the
+    online probe are dropped, as DETReg's fine-tuning drops them.
+    """
+    if "transformer/decoder_norm" not in params:
+        raise ValueError(
+            "--format=detr needs a DETReg run (config detreg); this checkpoint holds no DETR "
+            "transformer. Use --format=torchvision for a torso."
+        )
+    sd = {
+        "backbone.0.body." + k: v
+        for k, v in haiku_to_torchvision(params, state, depth).items()
+        if not k.endswith("num_batches_tracked")
+    }
+    sd["input_proj.weight"] = _hwio_to_oihw(np.asarray(params["input_proj"]["w"]))
+    sd["input_proj.bias"] = np.asarray(params["input_proj"]["b"])
+    sd["query_embed.weight"] = np.asarray(params["query_embed"]["embeddings"])
+    for i in range(_count(params, "transformer/encoder_layer_")):
+        m, p = f"transformer/encoder_layer_{i}", f"transformer.encoder.layers.{i}."
+        sd.update(_attention(params, f"{m}/self_attn", p + "self_attn."))
+        sd.update(_linear(params, f"{m}/ffn/linear1", p + "linear1."))
+        sd.update(_linear(params, f"{m}/ffn/linear2", p + "linear2."))
+        for n in (1, 2):
+            sd.update(_layer_norm(params, f"{m}/norm{n}", f"{p}norm{n}."))
+    if "transformer/encoder_norm" in params:  # pre-norm only
+        sd.update(_layer_norm(params, "transformer/encoder_norm", "transformer.encoder.norm."))
+    for i in range(_count(params, "transformer/decoder_layer_")):
+        m, p = f"transformer/decoder_layer_{i}", f"transformer.decoder.layers.{i}."
+        sd.update(_attention(params, f"{m}/self_attn", p + "self_attn."))
+        sd.update(_attention(params, f"{m}/multihead_attn", p + "multihead_attn."))
+        sd.update(_linear(params, f"{m}/ffn/linear1", p + "linear1."))
+        sd.update(_linear(params, f"{m}/ffn/linear2", p + "linear2."))
+        for n in (1, 2, 3):
+            sd.update(_layer_norm(params, f"{m}/norm{n}", f"{p}norm{n}."))
+    sd.update(_layer_norm(params, "transformer/decoder_norm", "transformer.decoder.norm."))
+    sd.update(_linear(params, "class_embed", "class_embed."))
+    for i in range(_count(params, "bbox_embed/layers_")):
+        sd.update(_linear(params, f"bbox_embed/layers_{i}", f"bbox_embed.layers.{i}."))
+    return {k: np.asarray(v, np.float32, order="C") for k, v in sd.items()}
+
+
+def write_detr(tensors: Mapping[str, np.ndarray], path: str) -> None:
+    """Writes torch.save({'model': state_dict}) as facebookresearch/detr's main.py loads it."""
+    import collections
+
+    import torch
+
+    state_dict = collections.OrderedDict(
+        (k, torch.from_numpy(np.array(v, copy=True))) for k, v in tensors.items()
+    )
+    atomic_write(path, lambda f: torch.save({"model": state_dict}, f))
+
+
 def _torso_modules(tree: Params, depth: int) -> Iterator[str]:
     """Module names of `tree` that belong to the ResNet-`depth` torso (heads are skipped)."""
     root = resnet_name(depth)
@@ -298,9 +391,12 @@ def output_paths(output: str, fmt: str, with_torch: bool) -> list[str]:
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got '{fmt}'.")
     root, suffix = os.path.splitext(output)
-    allowed = {"torchvision": (".safetensors", ".pth"), "detectron2": (".pkl",), "npz": (".npz",)}[
-        fmt
-    ]
+    allowed = {
+        "torchvision": (".safetensors", ".pth"),
+        "detectron2": (".pkl",),
+        "npz": (".npz",),
+        "detr": (".pth",),
+    }[fmt]
     if suffix and suffix not in allowed:
         raise ValueError(
             f"--output={output}: a {fmt} export is written as "
@@ -336,6 +432,8 @@ def export_torso(
         write_safetensors(tensors, paths[0], metadata)
         if with_torch:
             write_torch(tensors, paths[1])
+    elif fmt == "detr":
+        raise ValueError("--format=detr exports a whole detector: use export_detr")
     elif fmt == "detectron2":
         write_detectron2(refuse_non_finite(haiku_to_detectron2(params, state, depth)), paths[0])
     else:
