@@ -370,10 +370,11 @@ def test_sigterm_near_the_end_of_a_method_stops_the_study_which_then_resumes(tmp
     with pytest.raises(errors.Preempted) as stopped, stop.stop_on_signals():
         compare.run(["detcon_b"], budget, str(tmp_path / "scenes"), output, **kwargs)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
-    run = os.path.join(output, "runs", "detcon_b")
+    key = runner.run_key("detcon_b", budget.seed)
+    run = os.path.join(output, "runs", key)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2"]  # saved, then stopped
-    assert not os.path.exists(runner.result_path(output, "detcon_b"))  # not probed yet
+    assert not os.path.exists(runner.result_path(output, key))  # not probed yet
     monkeypatch.undo()
     document = compare.run(["detcon_b"], budget, str(tmp_path / "scenes"), output, **kwargs)
     assert [e["name"] for e in document["methods"]] == ["detcon_b"]
-    assert [p["step"] for p in document["methods"][0]["loss_curve"]][-1] == 2
+    assert [p["step"] for p in document["methods"][0]["runs"][0]["loss_curve"]][-1] == 2
