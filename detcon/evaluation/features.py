@@ -18,6 +18,11 @@ from detcon.ops import augment
 from detcon.weights.torso import FrozenTorso
 
 
+def host_tree(tree: Any) -> dict:
+    """A Haiku params/state tree as nested dicts of np.ndarray."""
+    return jax.tree_util.tree_map(np.asarray, hk.data_structures.to_mutable_dict(tree))
+
+
 def unit_variance_statistics(state: dict) -> dict:
     """BatchNorm moving variances set to 1 (means stay 0): PyTorch's initial running statistics.
 
@@ -41,11 +46,8 @@ def random_init(depth: int, width_multiplier: int, seed: int, image_size: int = 
     params, state = transformed.init(
         jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)), is_training=True
     )
-    to_host = lambda tree: jax.tree_util.tree_map(
-        np.asarray, hk.data_structures.to_mutable_dict(tree)
-    )
     return FrozenTorso(
-        depth, width_multiplier, to_host(params), unit_variance_statistics(to_host(state))
+        depth, width_multiplier, host_tree(params), unit_variance_statistics(host_tree(state))
     )
 
 

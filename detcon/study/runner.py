@@ -12,7 +12,6 @@ import resource
 import time
 from typing import Any, Callable, Sequence
 
-import haiku as hk
 import jax
 import numpy as np
 
@@ -202,9 +201,10 @@ def initial_torso(config: Any, steps: int) -> torso_lib.FrozenTorso:
     """The method's own online torso at step 0 (its init draw), BatchNorm statistics at unit
     variance as the random-init baseline has them (Haiku's EMAs start at 0, not a statistic)."""
     state = experiment_lib.build(config, steps).init_state(jax.random.PRNGKey(config.training.seed))
-    host = lambda tree: jax.tree_util.tree_map(np.asarray, hk.data_structures.to_mutable_dict(tree))
     torso = torso_lib.from_network(
-        host(state.online_params), host(state.online_state), config.model
+        features.host_tree(state.online_params),
+        features.host_tree(state.online_state),
+        config.model,
     )
     return torso._replace(state=features.unit_variance_statistics(torso.state))
 
