@@ -87,6 +87,18 @@ _SEG_LABEL_SIZE = flags.DEFINE_integer(
     "so the enlarged labels are the original ones).",
 )
 _SEG_EPOCHS = flags.DEFINE_integer("seg_epochs", 30, "Epochs of the segmentation head.")
+_BN = flags.DEFINE_enum(
+    "probe_bn_statistics",
+    "moving",
+    ["moving", "probe"],
+    "BatchNorm statistics of every probed torso: moving (the checkpoint's, identity for random "
+    "init) or probe (recomputed on each probe's training images, one rule for all torsos).",
+)
+_NUM_PRETRAIN = flags.DEFINE_integer(
+    "num_pretrain_scenes",
+    scenes.SceneDatasetSpec().num_pretrain,
+    "Pretraining scenes built (and read); probe sets are unchanged.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -120,7 +132,7 @@ def _main(argv: list[str]) -> None:
         seeds = [int(s) for s in _SEEDS.value] or [_SEED.value]
         eval_at_steps = [int(s) for s in _EVAL_AT.value]
         runner.check_eval_steps(budget.steps, eval_at_steps)
-        spec = scenes.SceneDatasetSpec(seed=_SEED.value)
+        spec = scenes.SceneDatasetSpec(seed=_SEED.value, num_pretrain=_NUM_PRETRAIN.value)
         compare.seg_label_side(_SEG_SIZE.value, _SEG_LABEL_SIZE.value, spec)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
@@ -137,6 +149,7 @@ def _main(argv: list[str]) -> None:
         seg_epochs=_SEG_EPOCHS.value,
         seeds=seeds,
         eval_at_steps=eval_at_steps,
+        bn_statistics=_BN.value,
     )
     print(open(os.path.join(output, compare.TABLE_NAME)).read())
     print(

@@ -84,6 +84,13 @@ def test_recipe_scaling_gives_every_method_the_peak_rate_of_its_published_run(na
     total = 100
     warmup = optim.warmup_steps(c, total)
     assert float(optim.learning_rate_fn(c, total)(max(warmup, 0))) == pytest.approx(peak, rel=1e-6)
+    # recipe_sqrt: the published peak x sqrt(32 / the published batch).
+    recipe_batch = importlib.import_module(f"configs.{name}").get_config().training.batch_size
+    budget = budget_lib.Budget(batch_size=32, lr_batch_scaling="recipe_sqrt")
+    c = budget_lib.method_config(name, budget, "/data", num_classes=7)
+    assert float(optim.learning_rate_fn(c, total)(max(warmup, 0))) == pytest.approx(
+        peak * (32 / recipe_batch) ** 0.5, rel=1e-6
+    )
 
 
 def test_target_horizon_caps_the_averaging_time_of_every_target():

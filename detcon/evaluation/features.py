@@ -51,6 +51,62 @@ def random_init(depth: int, width_multiplier: int, seed: int, image_size: int = 
     )
 
 
+def _is_moving_average(module: str) -> bool:
+    return module.endswith("mean_ema") or module.endswith("var_ema")
+
+
+def recompute_batch_norm(
+    torso: FrozenTorso, images: np.ndarray, batch_size: int = 128, max_images: int = 512
+) -> FrozenTorso:
+    """The torso with every BatchNorm's statistics measured on `images` [N, S, S, 3] ("precise BN").
+
+    Each chunk of `batch_size` images (the first `max_images`) runs in training mode with every
+    moving average emptied (counter 0): Haiku's zero-debiased average after one update is then
+    exactly that chunk's statistic, later layers seeing earlier layers normalised by it as in
+    training. The chunks' means and variances are averaged. This puts trained and untrained
+    torsos under one rule: statistics of the probe's own images, not those of the last augmented
+    pretraining batches (or the identity of an untouched network).
+    """
+    if len(images) == 0:
+        raise ValueError("recompute_batch_norm needs at least one image.")
+    transformed = networks.torso_fn(torso.depth, torso.width_multiplier)
+
+    @jax.jit
+    def chunk_statistics(params, state, chunk):
+        emptied = {
+            module: (
+                {name: jnp.zeros_like(value) for name, value in leaves.items()}
+                if _is_moving_average(module)
+                else leaves
+            )
+            for module, leaves in state.items()
+        }
+        _, new_state = transformed.apply(
+            params, emptied, None, augment.normalize(chunk), is_training=True
+        )
+        return {m: new_state[m]["average"] for m in new_state if _is_moving_average(m)}
+
+    images = images[:max_images]
+    sums, count = None, 0
+    for start in range(0, len(images), batch_size):
+        chunk = np.asarray(images[start : start + batch_size])
+        if chunk.dtype == np.uint8:
+            chunk = chunk.astype(np.float32) / 255.0
+        stats = jax.device_get(chunk_statistics(torso.params, torso.state, chunk))
+        weight = len(chunk)  # a short last chunk counts by its size
+        sums = (
+            {m: v * weight for m, v in stats.items()}
+            if sums is None
+            else {m: sums[m] + v * weight for m, v in stats.items()}
+        )
+        count += weight
+    state = {module: dict(leaves) for module, leaves in torso.state.items()}
+    for module, total in sums.items():
+        # Inference reads only `average`; the EMA's hidden value and counter are left as found.
+        state[module]["average"] = np.asarray(total / count, np.float32)
+    return torso._replace(state=state)
+
+
 def make_feature_map_fn(torso: FrozenTorso) -> Callable[[Any, Any, jax.Array], jax.Array]:
     """apply(params, state, images [N, S, S, 3] in [0, 1]) -> stride-32 map [N, S/32, S/32, C]."""
     transformed = networks.torso_fn(torso.depth, torso.width_multiplier)

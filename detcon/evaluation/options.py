@@ -11,6 +11,7 @@ from detcon.evaluation import knn as knn_lib
 from detcon.evaluation import linear_augmented
 
 LINEAR_MODES = ("features", "augmented")
+BN_STATISTICS = ("moving", "probe")
 
 
 def _field(default: Any, help_text: str, **extra: Any) -> Any:
@@ -54,6 +55,12 @@ class Options:
     seg_batch_size: int = _field(16, "Batch of the segmentation head.")
     seg_learning_rate: float = _field(1e-3, "Peak AdamW learning rate of the segmentation head.")
     seg_num_classes: int = _field(0, "Classes (0: 1 + largest index in the labels).")
+    bn_statistics: str = _field(
+        "moving",
+        "moving: BatchNorm uses the checkpoint's moving averages; probe: statistics recomputed "
+        "on each probe's training images (the same rule for trained and untrained torsos).",
+        choices=BN_STATISTICS,
+    )
     seed: int = _field(0, "Seed of the random init, splits and shuffles.")
 
 

@@ -93,12 +93,51 @@ def labelled_features(
     return feats, labels
 
 
+def bank_images(options: Options, max_images: int = 512) -> np.ndarray:
+    """The first `max_images` labelled centre crops [N, S, S, 3] of the training split."""
+    split = labelled.split_name(options.source, train=True)
+    per_device = per_device_batch(options.batch_size)
+    batches, _ = labelled.eval_batches(
+        options.source, split, options.image_size, jax.local_device_count(), per_device
+    )
+    kept, count = [], 0
+    for batch in batches:
+        images = np.asarray(batch["image"]).reshape((-1,) + batch["image"].shape[2:])
+        images = images[np.asarray(batch["label"]).reshape(-1) >= 0]
+        kept.append(images)
+        count += len(images)
+        if count >= max_images:
+            break
+    return np.concatenate(kept)[:max_images]
+
+
+def with_probe_statistics(
+    torso: torso_lib.FrozenTorso, options: Options, images: Callable[[], np.ndarray]
+) -> torso_lib.FrozenTorso:
+    """The torso as --bn_statistics asks: unchanged, or BatchNorm measured on `images()`."""
+    if options.bn_statistics == "moving":
+        return torso
+    return features_lib.recompute_batch_norm(torso, images())
+
+
 def _num_classes(*label_sets: np.ndarray) -> int:
     return int(max(int(labels.max()) for labels in label_sets)) + 1
 
 
-def run_knn(extractor: features_lib.Extractor, options: Options) -> dict[str, Any]:
-    """Weighted kNN top-1 (and top-5 with >= 5 classes) of the evaluation split."""
+def run_knn(
+    extractor: features_lib.Extractor,
+    options: Options,
+    torso: torso_lib.FrozenTorso | None = None,
+) -> dict[str, Any]:
+    """Weighted kNN top-1 (and top-5 with >= 5 classes) of the evaluation split.
+
+    With --bn_statistics=probe the extractor is loaded with `torso`'s weights and BatchNorm
+    statistics of the bank's images.
+    """
+    if options.bn_statistics != "moving":
+        if torso is None:
+            raise ValueError("--bn_statistics=probe needs the torso to recompute statistics.")
+        extractor.load(with_probe_statistics(torso, options, lambda: bank_images(options)))
     train_x, train_y = labelled_features(extractor, options, train=True)
     eval_x, eval_y = labelled_features(extractor, options, train=False)
     classes = _num_classes(train_y, eval_y)
@@ -116,6 +155,7 @@ def run_knn(extractor: features_lib.Extractor, options: Options) -> dict[str, An
         num_eval=len(eval_y),
         num_classes=classes,
         features="l2_normalised_global_pool_centre_crop",
+        bn_statistics=options.bn_statistics,
     )
     return result
 
@@ -124,6 +164,9 @@ def run_linear(
     extractor: features_lib.Extractor, torso: torso_lib.FrozenTorso, options: Options
 ) -> dict[str, Any]:
     """Linear probe top-1/top-5 on the evaluation split, in the chosen mode."""
+    if options.bn_statistics != "moving":
+        torso = with_probe_statistics(torso, options, lambda: bank_images(options))
+        extractor.load(torso)
     if options.linear_mode == "features":
         train_x, train_y = labelled_features(extractor, options, train=True)
         eval_x, eval_y = labelled_features(extractor, options, train=False)
@@ -155,7 +198,12 @@ def run_linear(
         if classes >= 5:
             result["top5"] = knn_lib.top_k_accuracy(scores, eval_y, 5)
         result.update(linear_augmented.settings(options.linear_epochs, global_batch, steps))
-    result.update(image_size=options.image_size, num_eval=len(eval_y), num_classes=classes)
+    result.update(
+        image_size=options.image_size,
+        num_eval=len(eval_y),
+        num_classes=classes,
+        bn_statistics=options.bn_statistics,
+    )
     return result
 
 
@@ -177,6 +225,7 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
             voc.subsample_labels(x, options.seg_label_size) for x in (train_labels, val_labels)
         )
     classes = options.seg_num_classes or voc.num_classes(train_labels, val_labels)
+    torso = with_probe_statistics(torso, options, lambda: train_images)
     extractor = features_lib.Extractor(torso, reduce=None)
     per_device = per_device_batch(options.seg_batch_size)
 
@@ -216,13 +265,14 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
         ignore_label=segmentation_lib.IGNORE_LABEL,
         num_train=len(train_labels),
         num_eval=len(val_labels),
+        bn_statistics=options.bn_statistics,
     )
     return result
 
 
 @register("knn", needs_labelled_images=True)
 def _knn(subject: Subject, options: Options) -> dict[str, Any]:
-    return run_knn(subject.extractor, options)
+    return run_knn(subject.extractor, options, subject.torso)
 
 
 @register("linear", needs_labelled_images=True)

@@ -10,7 +10,9 @@ target EMA or momentum, augmentations and loss weights. The budget sets, the sam
   relative to its norm whatever the batch, so this keeps each recipe's step size; 'none'
   (every method at its batch-256 rate) gives the LARS recipes 1/16 of theirs, and their
   torsos stayed at random-init level in 100 steps while the SGD recipes, at their own rate,
-  did not;
+  did not. 'recipe_sqrt' scales the published peak by sqrt(B / the recipe's batch), SimCLR's
+  small-batch rule (0.075 x sqrt(B) reaches its 4.8 at 4096): the recipe's full peak at
+  batch 32 collapses the features of the LARS recipes within a few hundred steps (docs/study.md);
 - the warm-up as a fraction of the steps (the recipes count it in ImageNet epochs: 10 of 1000
   for BYOL, DetCon and SimCLR, none for the MoCo family);
 - head widths times the torso's feature width over ResNet-50's 2048 (the recipes' 4096/2048
@@ -33,7 +35,7 @@ from detcon.models import networks
 # The recipes' head widths are for ResNet-50, whose torso ends with 2048 channels.
 _RECIPE_FEATURE_WIDTH = 2048
 _MIN_PATCH_SIZE = 32  # a stride-32 torso needs a 32 px cell for one output position
-LR_BATCH_SCALINGS = ("recipe", "none", "sqrt", "linear")
+LR_BATCH_SCALINGS = ("recipe", "recipe_sqrt", "none", "sqrt", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Budget:
     image_size: int = 64
     warmup_fraction: float = 0.05
     queue_batches: int = 16  # MoCo-family queue = queue_batches x batch_size
-    # peak = base x: recipe batch/256 'recipe', 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
+    # peak = base x: recipe batch/256 'recipe', sqrt(B x recipe batch)/256 'recipe_sqrt',
+    # 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
     lr_batch_scaling: str = "recipe"
     target_horizon: float = 0.0  # > 0: cap 1 / (1 - EMA or momentum) at this fraction of steps
     seed: int = 0
@@ -90,6 +93,9 @@ def base_rate_factor(lr_batch_scaling: str, batch_size: int, recipe_batch_size: 
     ratio = 256.0 / batch_size
     return {
         "recipe": recipe_batch_size / batch_size,
+        # The published peak x sqrt(B / its batch): SimCLR's rule for small batches (its
+        # appendix B.1, 0.075 x sqrt(B) under LARS), applied from every recipe's own run.
+        "recipe_sqrt": (recipe_batch_size / batch_size) ** 0.5,
         "none": ratio,
         "sqrt": ratio**0.5,
         "linear": 1.0,

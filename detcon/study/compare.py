@@ -145,6 +145,7 @@ def run(
     log: Callable[[str], None] = print,
     seeds: Sequence[int] = (),
     eval_at_steps: Sequence[int] = (),
+    bn_statistics: str = "moving",
 ) -> dict:
     """Runs (or reuses) every (method, seed) and writes compare.json, compare.md, compare.png
     and, with evaluation steps, curves.png. Seeds default to budget.seed."""
@@ -160,6 +161,7 @@ def run(
         seg_image_size=seg_image_size,
         seg_label_size=seg_label_size,
         seg_epochs=seg_epochs,
+        bn_statistics=bn_statistics,
     )
     pretrain = os.path.join(root, scenes.PRETRAIN_DIRECTORY)
     start = time.perf_counter()

@@ -41,6 +41,7 @@ class Probes:
     seg_label_size: int = 0  # 0: seg_image_size; the scenes' own side scores them exactly
     seg_epochs: int = 30
     knn_k: int = 20
+    bn_statistics: str = "moving"  # "probe": BatchNorm measured on each probe's training images
 
 
 def _cpu_seconds() -> float:
@@ -128,10 +129,11 @@ def _probe(
         seg_label_size=probes.seg_label_size,
         seg_epochs=probes.seg_epochs,
         seg_num_classes=probes.num_classes,
+        bn_statistics=probes.bn_statistics,
         seed=budget.seed,
     )
     return {
-        "knn": protocols.run_knn(features.Extractor(torso), options),
+        "knn": protocols.run_knn(features.Extractor(torso), options, torso),
         "segmentation": protocols.run_segmentation(torso, options),
     }
 
