@@ -15,7 +15,7 @@ from detcon.data import labelled
 from detcon.evaluation import features as features_lib
 from detcon.evaluation import knn as knn_lib
 from detcon.evaluation import linear as linear_lib
-from detcon.evaluation import linear_augmented, voc
+from detcon.evaluation import linear_augmented, spread, voc
 from detcon.evaluation import options as options_lib
 from detcon.evaluation import segmentation as segmentation_lib
 from detcon.weights import torso as torso_lib
@@ -156,6 +156,8 @@ def run_knn(
         num_classes=classes,
         features="l2_normalised_global_pool_centre_crop",
         bn_statistics=options.bn_statistics,
+        # Collapse check on the bank: a torso that maps every image to a few directions.
+        bank_spread=spread.feature_spread(train_x),
     )
     return result
 

@@ -191,12 +191,15 @@ def _entry(
 
 def _curve_point(step: int, seed: int, results: dict) -> dict:
     """One record of a probe curve."""
-    return {
+    point = {
         "step": step,
         "seed": seed,
         "seg_miou": results["segmentation"]["miou"],
         "knn_top1": results["knn"]["top1"],
     }
+    if "bank_spread" in results["knn"]:  # absent from entries cached before it was measured
+        point["knn_bank_effective_rank"] = results["knn"]["bank_spread"]["effective_rank"]
+    return point
 
 
 def initial_torso(config: Any, steps: int) -> torso_lib.FrozenTorso:
