@@ -89,10 +89,11 @@ _SEG_LABEL_SIZE = flags.DEFINE_integer(
 _SEG_EPOCHS = flags.DEFINE_integer("seg_epochs", 30, "Epochs of the segmentation head.")
 _BN = flags.DEFINE_enum(
     "probe_bn_statistics",
-    "moving",
+    "probe",
     ["moving", "probe"],
-    "BatchNorm statistics of every probed torso: moving (the checkpoint's, identity for random "
-    "init) or probe (recomputed on each probe's training images, one rule for all torsos).",
+    "BatchNorm statistics of every probed torso: probe (recomputed on each probe's training "
+    "images, one rule for trained and untrained torsos) or moving (the checkpoint's: running "
+    "averages of the last augmented pretraining batches, the identity for random init).",
 )
 _NUM_PRETRAIN = flags.DEFINE_integer(
     "num_pretrain_scenes",

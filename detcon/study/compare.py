@@ -145,7 +145,7 @@ def run(
     log: Callable[[str], None] = print,
     seeds: Sequence[int] = (),
     eval_at_steps: Sequence[int] = (),
-    bn_statistics: str = "moving",
+    bn_statistics: str = "probe",
 ) -> dict:
     """Runs (or reuses) every (method, seed) and writes compare.json, compare.md, compare.png
     and, with evaluation steps, curves.png. Seeds default to budget.seed."""

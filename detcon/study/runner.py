@@ -41,7 +41,9 @@ class Probes:
     seg_label_size: int = 0  # 0: seg_image_size; the scenes' own side scores them exactly
     seg_epochs: int = 30
     knn_k: int = 20
-    bn_statistics: str = "moving"  # "probe": BatchNorm measured on each probe's training images
+    # "probe": BatchNorm statistics measured on each probe's training images, one rule for trained
+    # and untrained torsos; "moving": the checkpoint's (the identity for the random init).
+    bn_statistics: str = "probe"
 
 
 def _cpu_seconds() -> float:
