@@ -292,6 +292,9 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert entry["knn_top1"] == run["knn"]["top1"]
         assert run["knn"]["num_eval"] == 6 and run["segmentation"]["num_eval"] == 4
         assert run["segmentation"]["label_size"] == 64
+        # The default BatchNorm rule: statistics of each probe's own images, for every torso.
+        assert run["knn"]["bn_statistics"] == run["segmentation"]["bn_statistics"] == "probe"
+        assert all(p["knn_bank_effective_rank"] > 1 for p in entry["curve"])
         assert 0.0 <= entry["seg_miou"] <= 1.0
         # The probe curve: the method's own init, an intermediate checkpoint, the last step.
         assert [(p["step"], p["seed"]) for p in entry["curve"]] == [(0, 0), (1, 0), (2, 0)]
