@@ -298,11 +298,15 @@ def run_detection(subject: Subject, options: Options) -> dict[str, Any]:
     def predict(head_spec: detection.HeadSpec, head: dict) -> tuple[np.ndarray, np.ndarray]:
         return detection.predict(head_spec, head, val_maps, val_set.pad_mask, per_device)
 
+    same_torso = None if source is None else _torso_matches(source, subject.torso)
+    if same_torso is False:
+        logging.warning("--det_init=%s was trained on another torso.", options.det_init)
     agnostic_truth = coco_scoring.class_agnostic(val_truth)
     objectness = lambda out: detection.objectness_detections(val_set, *out)
+    per_image = min(spec.num_queries, detection.MAX_DETECTIONS)
     agnostic = {
         "initial_detector": _agnostic_row(
-            agnostic_truth, objectness(predict(initial_spec, initial_params)), spec.num_queries
+            agnostic_truth, objectness(predict(initial_spec, initial_params)), per_image
         )
     }
 
@@ -322,7 +326,7 @@ def run_detection(subject: Subject, options: Options) -> dict[str, Any]:
     )
     outputs = predict(spec, trained)
     result = coco_scoring.score(val_truth, detection.class_detections(val_set, *outputs))
-    agnostic["probe"] = _agnostic_row(agnostic_truth, objectness(outputs), spec.num_queries)
+    agnostic["probe"] = _agnostic_row(agnostic_truth, objectness(outputs), per_image)
     agnostic.update(
         class_agnostic_baselines(agnostic_truth, val_set, options.det_region_priors, options.seed)
     )
@@ -330,9 +334,7 @@ def run_detection(subject: Subject, options: Options) -> dict[str, Any]:
         class_agnostic=agnostic,
         init=options.det_init,
         transferred=list(detection.TRANSFERRED) if source is not None else [],
-        head_torso_is_evaluated_torso=None
-        if source is None
-        else _torso_matches(source, subject.torso),
+        head_torso_is_evaluated_torso=same_torso,
         final_train_loss=final_loss,
         num_classes=num_classes,
         num_queries=spec.num_queries,
