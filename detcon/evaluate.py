@@ -1,9 +1,12 @@
-"""Offline evaluation of a pretrained (or randomly initialised) torso: kNN, linear, segmentation.
+"""Offline evaluation of a pretrained (or randomly initialised) torso: kNN, linear, segmentation,
+detection.
 
   python -m detcon.evaluate --checkpoint=/ckpt/detcon_b --protocol=knn,linear \\
       --dataset_directory=/data/imagenet-fh --output=/ckpt/detcon_b/eval.json
   python -m detcon.evaluate --checkpoint=/ckpt/detcon_b --protocol=segmentation \\
       --dataset_directory=/data/VOCdevkit/VOC2012 --output=voc.json
+  python -m detcon.evaluate --checkpoint=/ckpt/detreg --protocol=detection \\
+      --segmentation_directory=/data/scenes/voc --det_init=/ckpt/detreg --output=det.json
   python -m detcon.evaluate --random_init --config=configs/detcon_b.py --protocol=knn \\
       --tfds_name=cifar10 --tfds_data_dir=/data/tfds --image_size=32 --output=random.json
 
@@ -42,13 +45,13 @@ flags.DEFINE_list(
     "protocol",
     ["knn"],
     "Comma-separated protocol names: knn, linear, "
-    "segmentation (detcon.evaluation.protocols.PROTOCOLS).",
+    "segmentation, detection (detcon.evaluation.protocols.PROTOCOLS).",
 )
 flags.DEFINE_string(
     "dataset_directory",
     None,
     "TFRecords (train/validation shards) for knn/linear; a PASCAL VOC-layout root "
-    "for segmentation.",
+    "for segmentation and detection.",
 )
 flags.DEFINE_string("tfds_name", None, "TFDS dataset for knn/linear (imagenet2012, cifar10, ...).")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir; the dataset must already be there.")
@@ -103,14 +106,16 @@ def run(
     protocol_names: list[str],
     options: Any,
     on_result: Optional[Callable[[str, dict], None]] = None,
+    config: Optional[dict] = None,
 ) -> dict[str, dict]:
     """Runs each named protocol on the frozen torso; returns {protocol: metrics and settings}.
 
-    on_result(name, metrics) is called as each protocol finishes (e.g. to save it at once).
+    on_result(name, metrics) is called as each protocol finishes (e.g. to save it at once);
+    config is the torso's run config (the detection head's sizes come from a DETReg run's).
     """
     from detcon.evaluation import protocols
 
-    subject = protocols.Subject(torso)
+    subject = protocols.Subject(torso, config)
     results = {}
     for name in protocol_names:
         logging.info("%s: running (%d of %d)", name, len(results) + 1, len(protocol_names))
@@ -141,6 +146,11 @@ def summary_line(results: dict[str, dict]) -> str:
             parts.append(
                 f"segmentation mIoU {metrics['miou']:.4f} pixel accuracy "
                 f"{metrics['pixel_accuracy']:.4f}"
+            )
+        elif name == "detection":
+            parts.append(
+                f"detection AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f} "
+                f"AR@100 {metrics['AR@100']:.4f}"
             )
         else:
             top5 = f" top5 {metrics['top5']:.4f}" if "top5" in metrics else ""
@@ -175,7 +185,10 @@ def _check_flags() -> None:
         raise app.UsageError("Give --dataset_directory or --tfds_name for knn/linear, not both.")
     needs_root = not all(protocols.get(n).needs_labelled_images for n in names)
     if needs_root and not (FLAGS.segmentation_directory or FLAGS.dataset_directory):
-        raise app.UsageError("--protocol=segmentation needs --dataset_directory (VOC layout).")
+        raise app.UsageError(
+            "--protocol=segmentation/detection need --dataset_directory or "
+            "--segmentation_directory (VOC layout)."
+        )
     if FLAGS.seg_image_size % 32 or FLAGS.seg_image_size < 0:
         raise app.UsageError(
             f"--seg_image_size={FLAGS.seg_image_size} must be a positive multiple of 32 "
@@ -192,6 +205,21 @@ def _check_flags() -> None:
         )
     if FLAGS.batch_size < 1 or FLAGS.seg_batch_size < 1 or FLAGS.knn_k < 1:
         raise app.UsageError("--batch_size, --seg_batch_size and --knn_k must be >= 1.")
+    if FLAGS.det_image_size <= 0 or FLAGS.det_image_size % 32:
+        raise app.UsageError(
+            f"--det_image_size={FLAGS.det_image_size} must be a positive multiple of 32."
+        )
+    if FLAGS.det_steps < 0 or FLAGS.det_batch_size < 1:
+        raise app.UsageError("--det_steps must be >= 0 and --det_batch_size >= 1.")
+    if "detection" in names:
+        from detcon.evaluation import detection
+
+        root = FLAGS.segmentation_directory or FLAGS.dataset_directory
+        for split in ("train", "val"):
+            try:
+                detection.read_instances(root, split, check_only=True)
+            except FileNotFoundError as error:
+                raise app.UsageError(str(error)) from None
 
 
 def _seg_image_size(protocol_names: list[str]) -> int:
@@ -279,7 +307,7 @@ def _evaluate(names: list[str], document: dict[str, Any]) -> None:
         write_results(FLAGS.output, document)
         logging.info("%s finished -> %s", name, FLAGS.output)
 
-    results = run(torso, names, options, on_result=save)
+    results = run(torso, names, options, on_result=save, config=pretrain_config)
     line = summary_line(results)
     logging.info("%s -> %s", line, FLAGS.output)
     print(f"{line} -> {FLAGS.output}", flush=True)

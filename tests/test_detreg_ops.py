@@ -136,9 +136,12 @@ def _np_giou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union - (hull - union) / hull
 
 
-def _np_criterion(logits, pred, embed, tboxes, tvalid, tembed, num_boxes):
+def _np_criterion(logits, pred, embed, tboxes, tvalid, tembed, num_boxes, tclasses=None):
     """DETReg's DETR SetCriterion (models/detr.py + detr_matcher.py), one device, float64 loops:
-    returns (total, [(ce, bbox, giou) per layer], embedding loss)."""
+    returns (total, [(ce, bbox, giou) per layer], embedding loss). Every target is class 1
+    (DETReg) unless tclasses [B, T] gives each its own (DETR)."""
+    if tclasses is None:
+        tclasses = np.ones(tvalid.shape, np.int64)
     logits, pred, embed = (np.asarray(x, np.float64) for x in (logits, pred, embed))
     tboxes, tembed = np.asarray(tboxes, np.float64), np.asarray(tembed, np.float64)
     num_layers, batch, num_queries, num_logits = logits.shape
@@ -154,7 +157,9 @@ def _np_criterion(logits, pred, embed, tboxes, tvalid, tembed, num_boxes):
                 for j, t in enumerate(targets):
                     l1 = np.abs(pred[layer, b, q] - tboxes[b, t]).sum()
                     cost[q, j] = (
-                        5 * l1 - 1 * prob[q, 1] - 2 * _np_giou(pred[layer, b, q], tboxes[b, t])
+                        5 * l1
+                        - 1 * prob[q, tclasses[b, t]]
+                        - 2 * _np_giou(pred[layer, b, q], tboxes[b, t])
                     )
             rows, cols = scipy.optimize.linear_sum_assignment(cost)
             indices.append([(q, targets[j]) for q, j in zip(rows, cols)])
@@ -162,7 +167,7 @@ def _np_criterion(logits, pred, embed, tboxes, tvalid, tembed, num_boxes):
         for b in range(batch):
             matched = {q: t for q, t in indices[b]}
             for q in range(num_queries):
-                cls = 1 if q in matched else num_logits - 1
+                cls = tclasses[b, matched[q]] if q in matched else num_logits - 1
                 w = 1.0 if q in matched else 0.1
                 lse = np.log(np.exp(logits[layer, b, q] - logits[layer, b, q].max()).sum())
                 ce_num += w * -(logits[layer, b, q, cls] - logits[layer, b, q].max() - lse)
@@ -206,6 +211,26 @@ def test_detreg_loss_equals_the_float64_transcription():
     np.testing.assert_allclose(metrics["loss_bbox"], per_layer[-1][1], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_giou"], per_layer[-1][2], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_object_embedding"], emb, rtol=1e-5)
+
+
+def test_detr_loss_with_a_class_per_target_equals_the_float64_transcription():
+    logits, pred, embed, tboxes, tvalid, tembed = _random_case(1)
+    tclasses = np.random.default_rng(1).integers(0, logits.shape[-1] - 1, tvalid.shape)
+    assert len(set(tclasses[tvalid].tolist())) > 1  # several classes among the targets
+    total, metrics, match = jax.jit(losses.detr_loss)(logits, pred, tboxes, tclasses, tvalid)
+    ref_total, per_layer, emb = _np_criterion(
+        logits, pred, embed, tboxes, tvalid, tembed, 5.0, tclasses
+    )
+    np.testing.assert_allclose(total, ref_total - emb, rtol=1e-5)
+    for i, name in enumerate(("loss_ce", "loss_bbox", "loss_giou")):
+        np.testing.assert_allclose(metrics[name], per_layer[-1][i], rtol=1e-5)
+    assert match.shape == tvalid.shape and (np.asarray(match)[~tvalid] == -1).all()
+    # All targets of class 1: DETReg's criterion less its embedding term.
+    ones = np.ones(tvalid.shape, np.int32)
+    detreg_total, _ = losses.detreg_loss(logits, pred, embed, tboxes, tvalid, tembed)
+    detr_total, _, _ = losses.detr_loss(logits, pred, tboxes, ones, tvalid)
+    _, _, emb = _np_criterion(logits, pred, embed, tboxes, tvalid, tembed, 5.0)
+    np.testing.assert_allclose(detr_total, detreg_total - emb, rtol=1e-5)
 
 
 def test_detreg_loss_perfect_boxes_leave_only_classification():

@@ -33,7 +33,7 @@ ALLOWED = {
         "evaluation",
         "shared",
     },
-    "evaluation": {"ops", "models", "weights", "workdir", "data", "shared"},
+    "evaluation": {"ops", "models", "weights", "workdir", "data", "data.build", "shared"},
     "benchmark": {"ops", "models", "methods", "train", "data", "data.build", "shared"},
     "study": {
         "ops",

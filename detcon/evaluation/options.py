@@ -25,7 +25,8 @@ class Options:
 
     source: Source = Source()
     segmentation_directory: str = _field(
-        "", "VOC-layout root for segmentation when --dataset_directory holds TFRecords."
+        "",
+        "VOC-layout root for segmentation and detection when --dataset_directory holds TFRecords.",
     )
     image_size: int = _field(
         224, "Centre-crop size for knn/linear (evaluate: 0 is the pretraining size)."
@@ -61,10 +62,33 @@ class Options:
         "on each probe's training images (the same rule for trained and untrained torsos).",
         choices=BN_STATISTICS,
     )
+    det_image_size: int = _field(
+        256,
+        "Detection: longer side the images are resized to, padded square (x32); 256 gives the "
+        "64 px scenes an 8 x 8 C5 map.",
+    )
+    det_steps: int = _field(1000, "Detection: training steps of the DETR head.")
+    det_batch_size: int = _field(8, "Detection: batch of the DETR head.")
+    det_learning_rate: float = _field(1e-4, "Detection: AdamW rate of the DETR head (DETR's).")
+    det_init: str = _field(
+        "random",
+        "Detection: 'random', or a DETReg run (workdir or step dir) whose input projection, "
+        "queries, transformer and box head start the head (its class head is always new).",
+    )
+    det_region_priors: bool = _field(
+        True,
+        "Detection: also score the val images' own selective-search region priors "
+        "class-agnostically (~0.5 s per image).",
+    )
     seed: int = _field(0, "Seed of the random init, splits and shuffles.")
 
 
-_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float}
+_DEFINE = {
+    str: flags.DEFINE_string,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    bool: flags.DEFINE_bool,
+}
 
 
 def _flag_fields() -> list[dataclasses.Field]:

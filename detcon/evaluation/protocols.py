@@ -5,17 +5,18 @@ Evaluation is single-process: one host reads whole splits and maps the forward o
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
 from detcon.data import labelled
+from detcon.data.build import region_priors
+from detcon.evaluation import coco_scoring, detection, linear_augmented, spread, voc
 from detcon.evaluation import features as features_lib
 from detcon.evaluation import knn as knn_lib
 from detcon.evaluation import linear as linear_lib
-from detcon.evaluation import linear_augmented, spread, voc
 from detcon.evaluation import options as options_lib
 from detcon.evaluation import segmentation as segmentation_lib
 from detcon.weights import torso as torso_lib
@@ -53,10 +54,12 @@ def get(name: str) -> Protocol:
 
 
 class Subject:
-    """The frozen torso under evaluation and its pooled-feature extractor, built once on use."""
+    """The frozen torso under evaluation, the config of the run it came from ({} for a weights
+    file) and its pooled-feature extractor, built once on use."""
 
-    def __init__(self, torso: torso_lib.FrozenTorso):
+    def __init__(self, torso: torso_lib.FrozenTorso, config: Optional[dict] = None):
         self.torso = torso
+        self.config = config or {}
         self._extractor = None
 
     @property
@@ -209,6 +212,18 @@ def run_linear(
     return result
 
 
+def feature_maps(
+    extractor: features_lib.Extractor, images: np.ndarray, per_device: int, split: str
+) -> np.ndarray:
+    """The frozen stride-32 maps [N, h, w, C] of images [N, S, S, 3] uint8, in order."""
+    batches = features_lib.device_batches(
+        images, np.arange(len(images)), extractor.num_devices, per_device
+    )
+    total = math.ceil(len(images) / (extractor.num_devices * per_device))
+    fmaps, order = features_lib.extract(extractor, batches, total, f"{split} feature maps")
+    return fmaps[np.argsort(order)]
+
+
 def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy of a linear head on the frozen stride-32 map."""
     root = options.segmentation_directory or options.source.directory
@@ -230,14 +245,7 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
     torso = with_probe_statistics(torso, options, lambda: train_images)
     extractor = features_lib.Extractor(torso, reduce=None)
     per_device = per_device_batch(options.seg_batch_size)
-
-    def maps(images: np.ndarray, split: str) -> np.ndarray:
-        batches = features_lib.device_batches(
-            images, np.arange(len(images)), extractor.num_devices, per_device
-        )
-        total = math.ceil(len(images) / (extractor.num_devices * per_device))
-        fmaps, order = features_lib.extract(extractor, batches, total, f"{split} feature maps")
-        return fmaps[np.argsort(order)]
+    maps = lambda images, split: feature_maps(extractor, images, per_device, split)
 
     def progress(epoch: int, loss: float) -> None:
         logging.info("segmentation head: epoch %d/%d loss %.4f", epoch, options.seg_epochs, loss)
@@ -272,6 +280,130 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
     return result
 
 
+def _torso_matches(network_params: dict, torso: torso_lib.FrozenTorso) -> bool:
+    """Whether a network's torso modules hold exactly `torso`'s parameters."""
+    return all(
+        module in network_params
+        and all(np.array_equal(network_params[module][k], v) for k, v in leaves.items())
+        for module, leaves in torso.params.items()
+    )
+
+
+def _agnostic_row(ground_truth: dict, detections: list[dict], per_image: float) -> dict:
+    """Class-agnostic AP / AP50 / AR@100 of `detections` and their mean count per image."""
+    return {**coco_scoring.score(ground_truth, detections), "boxes_per_image": per_image}
+
+
+def class_agnostic_baselines(
+    ground_truth: dict, data: detection.DetectionSet, with_priors: bool, seed: int
+) -> dict[str, dict]:
+    """Class-agnostic rows of the val images' region priors (first 30 and all, one rank draw)
+    and of uniform random boxes (30 and 100 per image)."""
+    rows = {}
+    if with_priors:
+        logging.info("detection: selective search on %d val images", len(data.stored))
+        priors = [region_priors.selective_search(image) for image in data.stored]
+        counts = [len(p.boxes) for p in priors]
+        top = detection.prior_detections(data, priors, region_priors.TOP_K, seed)
+        rows["region_priors_top30"] = _agnostic_row(
+            ground_truth, top, float(np.mean(np.minimum(counts, region_priors.TOP_K)))
+        )
+        every = detection.prior_detections(data, priors, 0, seed)
+        rows["region_priors_all"] = _agnostic_row(ground_truth, every, float(np.mean(counts)))
+        # AR@100 counts each image's first 100 priors only; this counts them all.
+        rows["region_priors_all"]["AR@all"] = coco_scoring.score(
+            ground_truth, every, max_dets=max(counts)
+        )[f"AR@{max(counts)}"]
+    for count in (region_priors.TOP_K, detection.MAX_DETECTIONS):
+        boxes = detection.random_detections(data, count, seed)
+        rows[f"random_boxes_{count}"] = _agnostic_row(ground_truth, boxes, float(count))
+    return rows
+
+
+def run_detection(subject: Subject, options: Options) -> dict[str, Any]:
+    """AP, AP50 and AR@100 of a DETR head trained on the frozen torso's C5 maps; class-agnostic
+    AR@100 of the detector before and after training, the region priors and random boxes."""
+    root = options.segmentation_directory or options.source.directory
+    if not root:
+        raise ValueError("--protocol=detection needs --segmentation_directory (a VOC root).")
+    train_set, _ = detection.load_split(root, "train", options.det_image_size)
+    val_set, val_truth = detection.load_split(root, "val", options.det_image_size)
+    if train_set.category_ids != val_set.category_ids:
+        raise ValueError(f"{root}: instances_train.json and instances_val.json differ in classes.")
+    extractor = features_lib.Extractor(subject.torso, reduce=None)
+    per_device = per_device_batch(options.det_batch_size)
+    train_maps = feature_maps(extractor, train_set.images, per_device, "train")
+    val_maps = feature_maps(extractor, val_set.images, per_device, "val")
+    num_classes = len(train_set.category_ids)
+    source, source_config = None, subject.config
+    if options.det_init != "random":
+        source, source_config = detection.load_detreg(options.det_init)
+    spec = detection.spec_from_config(source_config, num_classes)
+    params = detection.init_head(spec, train_maps, train_set.pad_mask, options.seed)
+    initial_spec, initial_params = spec, params
+    if source is not None:
+        params = detection.transfer(params, source)
+        # The detector as pretrained, with its own class head (no object last).
+        initial_params = detection.head_params(source)
+        initial_spec = spec._replace(num_classes=int(source_config["detreg"]["num_classes"]))
+
+    def predict(head_spec: detection.HeadSpec, head: dict) -> tuple[np.ndarray, np.ndarray]:
+        return detection.predict(head_spec, head, val_maps, val_set.pad_mask, per_device)
+
+    same_torso = None if source is None else _torso_matches(source, subject.torso)
+    if same_torso is False:
+        logging.warning("--det_init=%s was trained on another torso.", options.det_init)
+    agnostic_truth = coco_scoring.class_agnostic(val_truth)
+    objectness = lambda out: detection.objectness_detections(val_set, *out)
+    per_image = min(spec.num_queries, detection.MAX_DETECTIONS)
+    agnostic = {
+        "initial_detector": _agnostic_row(
+            agnostic_truth, objectness(predict(initial_spec, initial_params)), per_image
+        )
+    }
+
+    def progress(step: int, loss: float) -> None:
+        logging.info("detection head: step %d/%d loss %.4f", step, options.det_steps, loss)
+
+    trained, final_loss = detection.train_head(
+        spec,
+        params,
+        train_maps,
+        train_set,
+        steps=options.det_steps,
+        batch_size=options.det_batch_size,
+        learning_rate=options.det_learning_rate,
+        seed=options.seed,
+        on_progress=progress,
+    )
+    outputs = predict(spec, trained)
+    result = coco_scoring.score(val_truth, detection.class_detections(val_set, *outputs))
+    agnostic["probe"] = _agnostic_row(agnostic_truth, objectness(outputs), per_image)
+    agnostic.update(
+        class_agnostic_baselines(agnostic_truth, val_set, options.det_region_priors, options.seed)
+    )
+    result.update(
+        class_agnostic=agnostic,
+        init=options.det_init,
+        transferred=list(detection.TRANSFERRED) if source is not None else [],
+        head_torso_is_evaluated_torso=same_torso,
+        final_train_loss=final_loss,
+        num_classes=num_classes,
+        num_queries=spec.num_queries,
+        transformer=spec.transformer._asdict(),
+        image_size=options.det_image_size,
+        steps=options.det_steps,
+        batch_size=options.det_batch_size,
+        learning_rate=options.det_learning_rate,
+        weight_decay=detection.WEIGHT_DECAY,
+        clip_norm=detection.CLIP_NORM,
+        optimizer="adamw_constant",
+        num_train=len(train_set.images),
+        num_eval=len(val_set.images),
+    )
+    return result
+
+
 @register("knn", needs_labelled_images=True)
 def _knn(subject: Subject, options: Options) -> dict[str, Any]:
     return run_knn(subject.extractor, options, subject.torso)
@@ -285,3 +417,8 @@ def _linear(subject: Subject, options: Options) -> dict[str, Any]:
 @register("segmentation", needs_labelled_images=False)
 def _segmentation(subject: Subject, options: Options) -> dict[str, Any]:
     return run_segmentation(subject.torso, options)
+
+
+@register("detection", needs_labelled_images=False)
+def _detection(subject: Subject, options: Options) -> dict[str, Any]:
+    return run_detection(subject, options)

@@ -272,6 +272,49 @@ class DetectorConfig(NamedTuple):
     probe_classes: int  # the online linear probe's classes
 
 
+def detection_head(
+    c5: jax.Array,
+    pad_mask: jax.Array,
+    dropout_keys: Optional[jax.Array],
+    num_queries: int,
+    num_classes: int,
+    tcfg: TransformerConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """DETR on a C5 map (inside a transform): c5 [b, h, w, C], pad_mask [b, S, S] bool, dropout
+    keys [b, 2] (None: no dropout) -> (logits [L, b, Q, num_classes + 1], boxes [L, b, Q, 4]
+    cxcywh, decoder outputs [L, b, Q, d]).
+
+    Modules 'input_proj', 'query_embed', 'transformer', 'class_embed' and 'bbox_embed' sit
+    where this is called, so a head built on precomputed maps shares the detector's names.
+    """
+    d = tcfg.hidden_dim
+    b, h, w, channels = c5.shape
+    src = hk.Conv2D(
+        d,
+        kernel_shape=1,
+        w_init=TORCH_DEFAULT_W,
+        b_init=torch_default_bias(channels),
+        name="input_proj",
+    )(c5)
+    valid = feature_mask(pad_mask, h, w)
+    pos = sine_position_encoding(valid, d // 2)
+    # nn.Embedding's init: N(0, 1).
+    query_embed = hk.Embed(
+        num_queries, d, w_init=hk.initializers.RandomNormal(1.0), name="query_embed"
+    ).embeddings
+    query_pos = jnp.broadcast_to(query_embed, (b, num_queries, d))
+    hs = Transformer(tcfg)(
+        src.reshape(b, h * w, d),
+        pos.reshape(b, h * w, d),
+        valid.reshape(b, h * w),
+        query_pos,
+        dropout_keys,
+    )
+    pred_logits = torch_linear(num_classes + 1, d, "class_embed")(hs)
+    pred_boxes = jax.nn.sigmoid(HeadMLP(d, 4, 3, "bbox_embed")(hs))
+    return pred_logits, pred_boxes, hs
+
+
 def detector_forward(
     inputs: DetectorInputs, is_training: bool, cfg: DetectorConfig, tcfg: TransformerConfig
 ) -> DetectorOutputs:
@@ -281,37 +324,18 @@ def detector_forward(
     'query_embed', 'transformer', 'class_embed', 'bbox_embed', 'feature_embed', 'classifier'),
     so the torso loader and the exporters find the torso where every method keeps it.
     """
-    d = tcfg.hidden_dim
     # One torso module for the image and the crops: the same frozen weights, inference BN.
     torso = networks.ResNetTorso(cfg.depth, cfg.width_multiplier, axis_name=None)
     # Training mode only while initialising, to create the BatchNorm statistics (Haiku creates
     # them there); make_detector resets them. Every apply is in inference mode.
     frozen_bn_training = hk.running_init()
     c5 = jax.lax.stop_gradient(torso(inputs.images, is_training=frozen_bn_training))
-    b, h, w, channels = c5.shape
-    src = hk.Conv2D(
-        d,
-        kernel_shape=1,
-        w_init=TORCH_DEFAULT_W,
-        b_init=torch_default_bias(channels),
-        name="input_proj",
-    )(c5)
-    valid = feature_mask(inputs.pad_mask, h, w)
-    pos = sine_position_encoding(valid, d // 2)
-    # nn.Embedding's init: N(0, 1).
-    query_embed = hk.Embed(
-        cfg.num_queries, d, w_init=hk.initializers.RandomNormal(1.0), name="query_embed"
-    ).embeddings
-    query_pos = jnp.broadcast_to(query_embed, (b, cfg.num_queries, d))
     keys = inputs.dropout_keys if is_training else None
-    hs = Transformer(tcfg)(
-        src.reshape(b, h * w, d), pos.reshape(b, h * w, d), valid.reshape(b, h * w), query_pos, keys
-    )
-    pred_logits = torch_linear(cfg.num_classes + 1, d, "class_embed")(hs)
-    pred_boxes = jax.nn.sigmoid(HeadMLP(d, 4, 3, "bbox_embed")(hs))
-    pred_embed = HeadMLP(d, cfg.embed_dim, 2, "feature_embed")(hs[-1])
+    head = detection_head(c5, inputs.pad_mask, keys, cfg.num_queries, cfg.num_classes, tcfg)
+    pred_logits, pred_boxes, hs = head
+    pred_embed = HeadMLP(tcfg.hidden_dim, cfg.embed_dim, 2, "feature_embed")(hs[-1])
 
-    k, c = inputs.crops.shape[1], inputs.crops.shape[2]
+    b, k, c = inputs.crops.shape[:3]
     crops = inputs.crops.reshape((b * k, c, c, 3))
     res3 = torso(crops, is_training=frozen_bn_training, return_stages=True)[1]
     target_embed = jax.lax.stop_gradient(jnp.mean(res3, axis=(1, 2)).reshape(b, k, -1))

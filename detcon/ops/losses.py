@@ -288,27 +288,36 @@ def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return jnp.sum(nll * weight) / count, jnp.sum(correct * weight) / count
 
 
+def _per_target(target_class: int | jax.Array, target_boxes: jax.Array) -> jax.Array:
+    """The class of every target: an int or [B, T] int array -> [B, T] int32."""
+    classes = jnp.asarray(target_class, jnp.int32)
+    return jnp.broadcast_to(classes, target_boxes.shape[:2])
+
+
 def detr_match_cost(
     logits: jax.Array,
     boxes: jax.Array,
     target_boxes: jax.Array,
     *,
-    target_class: int,
+    target_class: int | jax.Array,
     cost_class: float,
     cost_bbox: float,
     cost_giou: float,
 ) -> jax.Array:
     """DETR's matching cost (detr_matcher.py): class -p(target), L1 and -GIoU on cxcywh boxes.
 
-    logits [B, Q, C+1], boxes [B, Q, 4], target_boxes [B, T, 4] (all of class `target_class`)
-    -> [B, Q, T].
+    logits [B, Q, C+1], boxes [B, Q, 4], target_boxes [B, T, 4], target_class one class for
+    every target or [B, T] per target -> [B, Q, T].
     """
-    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., target_class]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    classes = _per_target(target_class, target_boxes)
+    index = jnp.broadcast_to(classes[:, None, :], boxes.shape[:2] + classes.shape[1:])
+    prob = jnp.take_along_axis(probs, index, axis=-1)  # [B, Q, T]
     l1 = jnp.sum(jnp.abs(boxes[:, :, None, :] - target_boxes[:, None, :, :]), axis=-1)
     giou = jax.vmap(box_ops.generalized_box_iou)(
         box_ops.cxcywh_to_xyxy(boxes), box_ops.cxcywh_to_xyxy(target_boxes)
     )
-    return cost_bbox * l1 - cost_class * prob[..., None] - cost_giou * giou
+    return cost_bbox * l1 - cost_class * prob - cost_giou * giou
 
 
 def _gather_queries(x: jax.Array, match: jax.Array) -> jax.Array:
@@ -329,17 +338,20 @@ def _detr_layer_losses(
     boxes: jax.Array,
     match: jax.Array,
     target_boxes: jax.Array,
+    target_classes: jax.Array,
     valid: jax.Array,
     num_boxes: jax.Array,
     *,
-    target_class: int,
     eos_coef: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer's (loss_ce, loss_bbox, loss_giou) under `match` [B, T] (detr.py)."""
+    """One decoder layer's (loss_ce, loss_bbox, loss_giou) under `match` [B, T] (detr.py);
+    target_classes [B, T]."""
     num_queries, no_object = logits.shape[1], logits.shape[-1] - 1
     assigned = (match[..., None] == jnp.arange(num_queries)) & valid[..., None]  # [B, T, Q]
     is_matched = jnp.any(assigned, axis=1)  # [B, Q]
-    classes = jnp.where(is_matched, target_class, no_object)
+    # A query is matched to at most one target, so the sum picks that target's class.
+    matched_class = jnp.sum(assigned * target_classes[..., None], axis=1)
+    classes = jnp.where(is_matched, matched_class, no_object)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, classes[..., None], axis=-1)[..., 0]
     # F.cross_entropy with class weights (no-object eos_coef) divides by the summed weights.
@@ -351,6 +363,68 @@ def _detr_layer_losses(
     giou = _paired_giou(matched, jnp.where(valid[..., None], target_boxes, matched))
     loss_giou = jnp.sum(mask * (1.0 - giou)) / num_boxes
     return loss_ce, loss_bbox, loss_giou
+
+
+def detr_loss(
+    pred_logits: jax.Array,
+    pred_boxes: jax.Array,
+    target_boxes: jax.Array,
+    target_classes: jax.Array,
+    target_valid: jax.Array,
+    *,
+    axis_name: Optional[str] = None,
+    cost_class: float = 1.0,
+    cost_bbox: float = 5.0,
+    cost_giou: float = 2.0,
+    ce_weight: float = 1.0,
+    bbox_weight: float = 5.0,
+    giou_weight: float = 2.0,
+    eos_coef: float = 0.1,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """DETR's SetCriterion with auxiliary losses (facebookresearch/detr models/detr.py).
+
+    pred_logits [L, B, Q, C+1] and pred_boxes [L, B, Q, 4] (cxcywh in [0, 1]) of every decoder
+    layer; target_boxes [B, T, 4] cxcywh, target_classes [B, T] in [0, C), target_valid [B, T]
+    bool. Each layer is matched on its own; the box terms divide by the valid-box count averaged
+    over devices, at least 1, as the official all-reduce. Returns (total over layers, metrics of
+    the last layer: loss_ce, loss_bbox, loss_giou unweighted, the last layer's match [B, T]).
+    """
+    num_layers, batch, num_queries = pred_logits.shape[:3]
+    num_targets = target_boxes.shape[1]
+    target_boxes = target_boxes.astype(jnp.float32)
+    pred_boxes = pred_boxes.astype(jnp.float32)
+    classes = _per_target(target_classes, target_boxes)
+    valid = target_valid.astype(bool)
+    count = jnp.sum(valid.astype(jnp.float32))
+    num_boxes = jax.lax.pmean(count, axis_name) if axis_name is not None else count
+    num_boxes = jnp.maximum(num_boxes, 1.0)
+
+    cost = jax.vmap(
+        lambda lg, bx: detr_match_cost(
+            lg,
+            bx,
+            target_boxes,
+            target_class=classes,
+            cost_class=cost_class,
+            cost_bbox=cost_bbox,
+            cost_giou=cost_giou,
+        )
+    )(pred_logits, pred_boxes)
+    # One host call for every layer's matching.
+    match = matching.hungarian_match(
+        cost.reshape(num_layers * batch, num_queries, num_targets),
+        jnp.tile(valid, (num_layers, 1)),
+    ).reshape(num_layers, batch, num_targets)
+
+    per_layer = jax.vmap(
+        lambda lg, bx, m: _detr_layer_losses(
+            lg, bx, m, target_boxes, classes, valid, num_boxes, eos_coef=eos_coef
+        )
+    )(pred_logits, pred_boxes, match)
+    loss_ce, loss_bbox, loss_giou = per_layer  # each [L]
+    total = jnp.sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)
+    metrics = dict(loss_ce=loss_ce[-1], loss_bbox=loss_bbox[-1], loss_giou=loss_giou[-1])
+    return total, metrics, match[-1]
 
 
 def detreg_loss(
@@ -382,59 +456,26 @@ def detreg_loss(
     Returns (total, metrics of the last layer: loss_ce, loss_bbox, loss_giou,
     loss_object_embedding, unweighted).
     """
-    num_layers, batch, num_queries = pred_logits.shape[:3]
-    num_targets = target_boxes.shape[1]
-    target_boxes = target_boxes.astype(jnp.float32)
-    pred_boxes = pred_boxes.astype(jnp.float32)
+    total, metrics, match = detr_loss(
+        pred_logits,
+        pred_boxes,
+        target_boxes,
+        jnp.full(target_valid.shape, target_class, jnp.int32),
+        target_valid,
+        axis_name=axis_name,
+        cost_class=cost_class,
+        cost_bbox=cost_bbox,
+        cost_giou=cost_giou,
+        ce_weight=ce_weight,
+        bbox_weight=bbox_weight,
+        giou_weight=giou_weight,
+        eos_coef=eos_coef,
+    )
     valid = target_valid.astype(bool)
     count = jnp.sum(valid.astype(jnp.float32))
-    num_boxes = jax.lax.pmean(count, axis_name) if axis_name is not None else count
-    num_boxes = jnp.maximum(num_boxes, 1.0)
-
-    cost = jax.vmap(
-        lambda lg, bx: detr_match_cost(
-            lg,
-            bx,
-            target_boxes,
-            target_class=target_class,
-            cost_class=cost_class,
-            cost_bbox=cost_bbox,
-            cost_giou=cost_giou,
-        )
-    )(pred_logits, pred_boxes)
-    # One host call for every layer's matching.
-    match = matching.hungarian_match(
-        cost.reshape(num_layers * batch, num_queries, num_targets),
-        jnp.tile(valid, (num_layers, 1)),
-    ).reshape(num_layers, batch, num_targets)
-
-    per_layer = jax.vmap(
-        lambda lg, bx, m: _detr_layer_losses(
-            lg,
-            bx,
-            m,
-            target_boxes,
-            valid,
-            num_boxes,
-            target_class=target_class,
-            eos_coef=eos_coef,
-        )
-    )(pred_logits, pred_boxes, match)
-    loss_ce, loss_bbox, loss_giou = per_layer  # each [L]
-
     mask = valid.astype(jnp.float32)[..., None]
-    embed = _gather_queries(pred_embed.astype(jnp.float32), match[-1])
+    embed = _gather_queries(pred_embed.astype(jnp.float32), match)
     entries = jnp.maximum(count, 1.0) * pred_embed.shape[-1]
     loss_embed = jnp.sum(mask * jnp.abs(embed - target_embed.astype(jnp.float32))) / entries
-
-    total = (
-        jnp.sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)
-        + embed_weight * loss_embed
-    )
-    metrics = dict(
-        loss_ce=loss_ce[-1],
-        loss_bbox=loss_bbox[-1],
-        loss_giou=loss_giou[-1],
-        loss_object_embedding=loss_embed,
-    )
-    return total, metrics
+    metrics["loss_object_embedding"] = loss_embed
+    return total + embed_weight * loss_embed, metrics
