@@ -245,13 +245,12 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
     torso = with_probe_statistics(torso, options, lambda: train_images)
     extractor = features_lib.Extractor(torso, reduce=None)
     per_device = per_device_batch(options.seg_batch_size)
-    maps = lambda images, split: feature_maps(extractor, images, per_device, split)
 
     def progress(epoch: int, loss: float) -> None:
         logging.info("segmentation head: epoch %d/%d loss %.4f", epoch, options.seg_epochs, loss)
 
     head, shift, scale = segmentation_lib.train_head(
-        maps(train_images, "train"),
+        feature_maps(extractor, train_images, per_device, "train"),
         train_labels,
         classes,
         epochs=options.seg_epochs,
@@ -261,7 +260,13 @@ def run_segmentation(torso: torso_lib.FrozenTorso, options: Options) -> dict[str
         on_epoch=progress,
     )
     result = segmentation_lib.evaluate_head(
-        head, shift, scale, maps(val_images, "val"), val_labels, classes, options.seg_batch_size
+        head,
+        shift,
+        scale,
+        feature_maps(extractor, val_images, per_device, "val"),
+        val_labels,
+        classes,
+        options.seg_batch_size,
     )
     result.update(
         num_classes=classes,
@@ -330,7 +335,8 @@ def run_detection(subject: Subject, options: Options) -> dict[str, Any]:
     val_set, val_truth = detection.load_split(root, "val", options.det_image_size)
     if train_set.category_ids != val_set.category_ids:
         raise ValueError(f"{root}: instances_train.json and instances_val.json differ in classes.")
-    extractor = features_lib.Extractor(subject.torso, reduce=None)
+    torso = with_probe_statistics(subject.torso, options, lambda: train_set.images)
+    extractor = features_lib.Extractor(torso, reduce=None)
     per_device = per_device_batch(options.det_batch_size)
     train_maps = feature_maps(extractor, train_set.images, per_device, "train")
     val_maps = feature_maps(extractor, val_set.images, per_device, "val")
@@ -400,6 +406,7 @@ def run_detection(subject: Subject, options: Options) -> dict[str, Any]:
         optimizer="adamw_constant",
         num_train=len(train_set.images),
         num_eval=len(val_set.images),
+        bn_statistics=options.bn_statistics,
     )
     return result
 
