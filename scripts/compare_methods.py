@@ -50,7 +50,8 @@ _LR_SCALING = flags.DEFINE_enum(
     "lr_batch_scaling",
     _DEFAULT.lr_batch_scaling,
     list(budget_lib.LR_BATCH_SCALINGS),
-    "Peak lr = recipe base x (recipe batch/256 recipe: the published run's peak | 1 none | "
+    "Peak lr = recipe base x (recipe batch/256 recipe: the published run's peak | "
+    "sqrt(B x recipe batch)/256 recipe_sqrt: that peak x sqrt(B/recipe batch) | 1 none | "
     "sqrt(B/256) sqrt | B/256 linear), the same rule for all.",
 )
 _HORIZON = flags.DEFINE_float(

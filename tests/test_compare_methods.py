@@ -39,15 +39,15 @@ def test_every_method_gets_the_same_budget_and_keeps_its_recipe():
             c.optim.warmup_fraction,
         ) == (123, 32, 18, 96, "fraction", 0.1)
         assert c.data.dataset_directory == "/data/pretrain"
-        # The recipe's optimiser, weight decay and method settings stay; 'recipe' scaling gives
-        # the published run's peak rate at batch 32: base x recipe batch / 32, times the
-        # schedule's 32/256.
+        # The recipe's optimiser, weight decay and method settings stay; the default
+        # 'recipe_sqrt' scaling gives the published run's peak x sqrt(32 / its batch): base x
+        # sqrt(recipe batch / 32), times the schedule's 32/256.
         assert (c.optim.name, c.optim.weight_decay) == (
             recipe.optim.name,
             recipe.optim.weight_decay,
         )
         assert c.optim.base_learning_rate == pytest.approx(
-            recipe.training.batch_size / 32 * recipe.optim.base_learning_rate
+            (recipe.training.batch_size / 32) ** 0.5 * recipe.optim.base_learning_rate
         )
         for field, value in recipe[name].items():
             if field in methods_lib.get(name).hidden_size_fields:
@@ -79,15 +79,15 @@ def test_peak_learning_rate_follows_the_chosen_batch_scaling(scaling, factor):
     ],
 )
 def test_recipe_scaling_gives_every_method_the_peak_rate_of_its_published_run(name, peak):
-    c = budget_lib.method_config(name, budget_lib.Budget(batch_size=32), "/data", num_classes=7)
-    assert budget_lib.Budget().lr_batch_scaling == "recipe"
+    assert budget_lib.Budget().lr_batch_scaling == "recipe_sqrt"
+    budget = budget_lib.Budget(batch_size=32, lr_batch_scaling="recipe")
+    c = budget_lib.method_config(name, budget, "/data", num_classes=7)
     total = 100
     warmup = optim.warmup_steps(c, total)
     assert float(optim.learning_rate_fn(c, total)(max(warmup, 0))) == pytest.approx(peak, rel=1e-6)
-    # recipe_sqrt: the published peak x sqrt(32 / the published batch).
+    # recipe_sqrt (the default): the published peak x sqrt(32 / the published batch).
     recipe_batch = importlib.import_module(f"configs.{name}").get_config().training.batch_size
-    budget = budget_lib.Budget(batch_size=32, lr_batch_scaling="recipe_sqrt")
-    c = budget_lib.method_config(name, budget, "/data", num_classes=7)
+    c = budget_lib.method_config(name, budget_lib.Budget(batch_size=32), "/data", num_classes=7)
     assert float(optim.learning_rate_fn(c, total)(max(warmup, 0))) == pytest.approx(
         peak * (32 / recipe_batch) ** 0.5, rel=1e-6
     )

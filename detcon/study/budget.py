@@ -4,15 +4,14 @@ Each recipe keeps its optimiser (LARS or SGD), base learning rate, weight decay,
 target EMA or momentum, augmentations and loss weights. The budget sets, the same for all:
 - steps, batch, ResNet depth and image size;
 - how the peak rate follows the batch: the recipes scale it linearly (base x batch / 256), a
-  rule for long runs at large batches. The default 'recipe' gives every step the peak rate of
-  the published run (base x the recipe's own batch / 256: 3.2 for BYOL and DetCon-B at 4096,
-  0.03 for MoCo v2 at 256). Under LARS a step moves each layer by lr x trust coefficient
-  relative to its norm whatever the batch, so this keeps each recipe's step size; 'none'
-  (every method at its batch-256 rate) gives the LARS recipes 1/16 of theirs, and their
-  torsos stayed at random-init level in 100 steps while the SGD recipes, at their own rate,
-  did not. 'recipe_sqrt' scales the published peak by sqrt(B / the recipe's batch), SimCLR's
-  small-batch rule (0.075 x sqrt(B) reaches its 4.8 at 4096): the recipe's full peak at
-  batch 32 collapses the features of the LARS recipes within a few hundred steps (docs/study.md);
+  rule for long runs at large batches. The default 'recipe_sqrt' scales the published run's
+  peak (base x the recipe's own batch / 256: 3.2 for BYOL and DetCon-B at 4096, 0.03 for MoCo
+  v2 at 256) by sqrt(B / the recipe's batch), SimCLR's small-batch rule (0.075 x sqrt(B)
+  reaches its 4.8 at 4096): 0.28 for BYOL at batch 32. 'recipe' keeps the published peak
+  itself (under LARS a step then moves each layer by the published fraction of its norm), but
+  at batch 32 that collapsed the features of the LARS recipes within a few hundred steps
+  (docs/study.md, diagnosis). 'none' (every method at its batch-256 rate) gives the LARS
+  recipes 1/16 of theirs, and their torsos stayed at random-init level in 100 steps;
 - the warm-up as a fraction of the steps (the recipes count it in ImageNet epochs: 10 of 1000
   for BYOL, DetCon and SimCLR, none for the MoCo family);
 - head widths times the torso's feature width over ResNet-50's 2048 (the recipes' 4096/2048
@@ -50,7 +49,7 @@ class Budget:
     queue_batches: int = 16  # MoCo-family queue = queue_batches x batch_size
     # peak = base x: recipe batch/256 'recipe', sqrt(B x recipe batch)/256 'recipe_sqrt',
     # 1 'none', sqrt(B/256) 'sqrt', B/256 'linear'
-    lr_batch_scaling: str = "recipe"
+    lr_batch_scaling: str = "recipe_sqrt"
     target_horizon: float = 0.0  # > 0: cap 1 / (1 - EMA or momentum) at this fraction of steps
     seed: int = 0
 
