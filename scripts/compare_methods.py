@@ -1,6 +1,6 @@
 r"""Pretrains every registered method under one budget on the scenes and compares their probes.
 
-    python scripts/compare_methods.py --output_directory=/tmp/study    # ~26 min on 2 CPU cores
+    python scripts/compare_methods.py --output_directory=/tmp/study    # ~1 h on 2 CPU cores
     python scripts/compare_methods.py --output_directory=/tmp/study_big --methods=byol,detcon_b \
         --steps=1000 --batch_size=128 --depth=18 --image_size=128
     python scripts/compare_methods.py --output_directory=/tmp/curves --methods=detcon_b,byol \
