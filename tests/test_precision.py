@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from detcon.models import patch_conv
 from detcon.train import experiment as experiment_lib
 from detcon.train import mock_data
 from detcon.train import state as state_lib
@@ -65,7 +66,11 @@ def runs():
     results = {}
     for precision in configs:
         update = experiments[precision].update_step
-        lowered = jax.jit(update).lower(state, batch)
+        # Traced as for a GPU or TPU, where bf16 is used: with XLA's own convolutions rather
+        # than the CPU's patch matmuls.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(patch_conv, "use_patch_conv", lambda *args: False)
+            lowered = jax.jit(update).lower(state, batch)
         new_state, metrics = lowered.compile(compiler_options=_FAST_COMPILE)(state, batch)
         results[precision] = dict(text=lowered.as_text(), state=new_state, metrics=metrics)
     # The bf16 network's own initial state, by shape only (compiling it would add seconds).

@@ -8,6 +8,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from detcon.models import patch_conv
+
 # depth -> (blocks per group, bottleneck blocks?)
 RESNET_DEPTHS: Mapping[int, tuple[Sequence[int], bool]] = {
     10: ((1, 1, 1, 1), False),  # for fast CPU tests and smoke runs
@@ -157,13 +159,14 @@ class ResNetTorso(hk.Module):
     ) -> jax.Array | tuple[jax.Array, ...]:
         """The stride-32 feature map [N, h, w, C], or with return_stages the outputs of all four
         block groups (res2..res5, strides 4, 8, 16, 32) from the same pass and parameters."""
-        x = self._initial_conv(x)
-        x = jax.nn.relu(self._initial_bn(x, is_training=is_training))
-        x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
-        stages = []
-        for group in self._groups:
-            x = group(x, is_training, False)
-            stages.append(x)
+        with patch_conv.small_map_convs():
+            x = self._initial_conv(x)
+            x = jax.nn.relu(self._initial_bn(x, is_training=is_training))
+            x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
+            stages = []
+            for group in self._groups:
+                x = group(x, is_training, False)
+                stages.append(x)
         return tuple(stages) if return_stages else x
 
 
