@@ -5,12 +5,15 @@ r"""Benchmarks the DetCon-B update step, the grid-mask op, the input pipeline an
   python scripts/benchmark.py --what=masks --mask_batch=64 --json=masks.json
   python scripts/benchmark.py --what=pipeline,fh --num_parallel_calls=1,2 --fh_workers=1,2
   python scripts/benchmark.py --what=step --config=detcon_b,byol --set=model.one_pass_views=False
+  python scripts/benchmark.py --what=convs --depth=10 --image_size=64 --conv_batch=64
 
 Prints one table per part and writes everything (plus the machine) to --json. Every part runs on
 whatever devices are present:
   step      images/s (global and per device), step time, trace/lower and compile time, XLA memory
             and model FLOP utilisation of the pmapped update step, on synthetic data placed on the
             devices once (no TensorFlow is imported for it).
+  convs     forward+backward ms of each distinct conv layer of the torso, XLA's native conv
+            against the patch matmul the CPU uses (detcon.models.patch_conv), outputs compared.
   masks     time and XLA peak memory of detcon.ops.masks.binary_masks against the dense per-pixel
             one-hot reference binary_masks_dense, on the same id maps (outputs checked equal).
   pipeline  two-view pairs/s of detcon.data.pipeline.pretrain_batches at each --num_parallel_calls
@@ -36,6 +39,7 @@ import jax
 import ml_collections
 
 from detcon import cli
+from detcon.benchmark import convs as convs_lib
 from detcon.benchmark import data as data_lib
 from detcon.benchmark import flops as flops_lib
 from detcon.benchmark import (
@@ -45,7 +49,7 @@ from detcon.benchmark import (
 from detcon.benchmark import masks as masks_lib
 from detcon.benchmark import step as step_lib
 
-PARTS = ("step", "masks", "pipeline", "fh")
+PARTS = ("step", "convs", "masks", "pipeline", "fh")
 
 
 def _int_list(text: str) -> list[int]:
@@ -115,6 +119,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help="peak FLOP/s per device for MFU (default: dense bf16 peak of the device kind)",
     )
+    add("--conv_batch", type=int, default=64, help="images per conv call (both views of 32)")
+    add("--conv_repeats", type=int, default=3)
     add("--mask_batch", type=int, default=64)
     add("--mask_image_size", type=int, default=None, help="default: --image_size")
     add("--max_mask_id", type=int, default=256)
@@ -174,6 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 cli.fail(f"--set {error}")
             _benchmark_steps(args, name, base, peak, flops, results, save)
         print(tables.format_table("update step", results["step"], tables.STEP_COLUMNS), flush=True)
+    if "convs" in args.parts:
+        results["convs"] = convs_lib.benchmark_convs(
+            args.depth, args.image_size, args.conv_batch, args.conv_repeats
+        )
+        save()
+        print(tables.format_table("conv layers", results["convs"], tables.CONV_COLUMNS), flush=True)
     _host_parts(args, results, save)
     return results
 

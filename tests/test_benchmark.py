@@ -156,3 +156,21 @@ def test_set_overrides_use_the_config_field_types_and_reject_unknown_fields():
         cli.override_config(base, ["model.no_such_field=1"])
     with pytest.raises(ValueError, match="batch_size"):
         cli.override_config(base, ["training.batch_size=many"])
+
+
+@pytest.mark.slow  # ~1 min: 22 small compiles
+def test_conv_rows_cover_every_torso_conv_and_agree(capsys):
+    results = benchmark.main(
+        ["--what=convs", "--depth=10", "--image_size=32", "--conv_batch=2", "--conv_repeats=1"]
+    )
+    rows = results["convs"]
+    # ResNet-10: the stem, two 3x3 convs per group and three projection shortcuts; the two
+    # 3x3 convs of group 0 share one shape.
+    assert sum(r["count"] for r in rows) == 1 + 4 * 2 + 3 and len(rows) == 11
+    assert rows[0]["layer"] == "res_net10/~/initial_conv" and rows[0]["input_shape"] == [32, 32, 3]
+    assert rows[-1]["input_shape"] == [1, 1, 512] and rows[-1]["stride"] == 1
+    for row in rows:
+        assert row["relative_difference"] < 1e-5, row
+        assert row["native_ms"] > 0 and row["patch_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["native_ms"] / row["patch_ms"])
+    assert "conv layers" in capsys.readouterr().out

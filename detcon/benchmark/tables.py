@@ -41,6 +41,19 @@ STEP_COLUMNS = (
     ("model_tflops_per_device", "TFLOP/s", ".1f"),
     ("mfu", "MFU", ".1%"),
 )
+CONV_COLUMNS = (
+    ("layer", "first layer", ""),
+    ("count", "layers", "d"),
+    ("input_shape", "input HWC", ""),
+    ("kernel", "k", "d"),
+    ("stride", "s", "d"),
+    ("output_channels", "out", "d"),
+    ("batch", "batch", "d"),
+    ("native_ms", "native ms", ".1f"),
+    ("patch_ms", "patch ms", ".1f"),
+    ("speedup", "speed-up", ".1f"),
+    ("relative_difference", "rel. diff", ".1e"),
+)
 MASK_COLUMNS = (
     ("op", "op", ""),
     ("batch", "batch", "d"),

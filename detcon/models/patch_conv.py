@@ -4,9 +4,10 @@ XLA:CPU (jaxlib 0.10, 2 cores) runs the forward and backward of a 3x3 SAME conv 
 map in 1.9 s and on a 32x32x64 map in 2.3 s, 20-50x below its rate on neighbouring shapes; the
 first is ResNet's last stage at 64 px, the second its first stage at 128 px. Written as explicit
 padding, strided slices and one [N*h*w, kh*kw*C] @ [kh*kw*C, O] dot, each layer runs at the
-dot's rate: the study's ResNet-10 BYOL step at 64 px takes 0.89 s instead of 4.2 s
-(`scripts/benchmark.py --what=step`). Parameters, their names, shapes and initialisers are
-Haiku's own; only the order of the sums differs. GPUs and TPUs keep the native conv.
+dot's rate: the study's ResNet-10 BYOL step at 64 px takes 0.96 s instead of 4.7 s
+(`scripts/benchmark.py --what=step,convs`; docs/performance.md). Parameters, their names,
+shapes and initialisers are Haiku's own; only the order of the sums differs. GPUs and TPUs
+keep the native conv.
 """
 
 import contextlib
