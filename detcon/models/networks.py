@@ -159,7 +159,7 @@ class ResNetTorso(hk.Module):
     ) -> jax.Array | tuple[jax.Array, ...]:
         """The stride-32 feature map [N, h, w, C], or with return_stages the outputs of all four
         block groups (res2..res5, strides 4, 8, 16, 32) from the same pass and parameters."""
-        with patch_conv.small_map_convs():
+        with patch_conv.cpu_patch_convs():
             x = self._initial_conv(x)
             x = jax.nn.relu(self._initial_bn(x, is_training=is_training))
             x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")

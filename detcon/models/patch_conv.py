@@ -44,7 +44,7 @@ def patch_conv(x: jax.Array, w: jax.Array, stride: int, padding: str) -> jax.Arr
         for j in range(kw)
     ]
     # Tap-major, channel-minor: the order of w's flattened (kh, kw, C) leading axes.
-    patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    patches = jnp.concatenate(taps, axis=-1)
     return jnp.dot(patches, w.reshape(kh * kw * channels, outputs))
 
 
@@ -67,9 +67,8 @@ def _plain_conv2d(module: hk.Conv2D, x: jax.Array) -> Optional[tuple[int, str]]:
     return stride.pop(), module.padding
 
 
-def _conv_call(module: hk.Conv2D, x: jax.Array) -> jax.Array:
+def _conv_call(module: hk.Conv2D, x: jax.Array, stride: int, padding: str) -> jax.Array:
     """hk.Conv2D.__call__ through patch_conv: the same parameters, names and initialisers."""
-    stride, padding = _plain_conv2d(module, x)
     w_shape = tuple(module.kernel_shape) + (x.shape[-1], module.output_channels)
     w_init = module.w_init
     if w_init is None:  # Haiku's ConvND default
@@ -88,18 +87,19 @@ def use_patch_conv(module: hk.Module, x: jax.Array, platform: str) -> bool:
     )
 
 
-def small_map_convs(platform: Optional[str] = None) -> ContextManager:
-    """Context (inside a transform) running every plain hk.Conv2D as a patch matmul when the
-    trace is for `platform` (default: JAX's default backend) 'cpu'; elsewhere it does nothing."""
-    platform = platform or jax.default_backend()
+def cpu_patch_convs() -> ContextManager:
+    """Context (inside a transform) running every plain hk.Conv2D as a patch matmul when JAX's
+    default backend, the one being traced for, is the CPU; elsewhere it does nothing."""
+    platform = jax.default_backend()
     if platform != "cpu":
         return contextlib.nullcontext()
 
     def interceptor(next_f: Any, args: tuple, kwargs: dict, context: Any) -> jax.Array:
         if context.method_name != "__call__" or kwargs or len(args) != 1:
             return next_f(*args, **kwargs)
-        if not use_patch_conv(context.module, args[0], platform):
+        module, x = context.module, args[0]
+        if not use_patch_conv(module, x, platform):
             return next_f(*args, **kwargs)
-        return _conv_call(context.module, args[0])
+        return _conv_call(module, x, *_plain_conv2d(module, x))
 
     return hk.intercept_methods(interceptor)
