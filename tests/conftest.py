@@ -4,12 +4,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Subprocess runs of the same program (resume, multi-process) reuse compilations.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"detcon_test_jax_cache_{os.getuid()}"),
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+# No persistent compilation cache: the suite runs on CPU, where reloading a cached executable
+# has crashed the whole pytest process (see detcon/train/compilation_cache.py).
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
@@ -90,7 +87,7 @@ def tiny():
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drops JAX's in-memory compilation caches after each test module, so a whole-suite run
-    does not hold every module's compiled steps at once (the persistent cache still serves them)."""
+    does not hold every module's compiled steps at once."""
     yield
     import jax
 

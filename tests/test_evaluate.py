@@ -135,7 +135,10 @@ def test_checkpoint_torso_matches_training_network(tmp_path, records):
         augment.normalize(images), np.ones((8, 1, 1), np.float32), np.zeros((8, 1), np.int32)
     )
     outputs, _ = network.apply(params, state, None, view, is_training=False)
-    np.testing.assert_allclose(got, np.asarray(outputs.features), rtol=1e-4, atol=1e-5)
+    want = np.asarray(outputs.features)
+    # The two programs fuse the same fp32 sums differently, so a small feature can differ by
+    # rounding at the scale of the largest ones: the absolute tolerance follows that scale.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
     output = str(tmp_path / "ckpt.json")
     _main(
