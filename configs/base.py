@@ -75,7 +75,7 @@ def get_config(method: str, method_settings: dict) -> ml_collections.ConfigDict:
             allow_pickle=False,
             restore_step=-1,  # >= 0: resume from this checkpoint, later ones moved aside
             allow_config_change=False,  # resume although the schedule or data settings changed
-            compilation_cache=True,  # JAX's persistent cache (GPU/TPU; off on CPU), $DETCON_CACHE_DIR
+            compilation_cache=True,  # JAX's persistent cache in $DETCON_CACHE_DIR or ~/.cache/detcon/jax
         )
     )
     c.evaluation = ml_collections.ConfigDict(

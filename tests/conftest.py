@@ -4,9 +4,12 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# No persistent compilation cache: the suite runs on CPU, where reloading a cached executable
-# has crashed the whole pytest process (see detcon/train/compilation_cache.py).
-os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+# Subprocess runs of the same program (resume, multi-process) reuse compilations.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"detcon_test_jax_cache_{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
@@ -84,14 +87,18 @@ def tiny():
     return tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _release_compiled_programs():
-    """Drops JAX's in-memory compilation caches after each test module, so a whole-suite run
-    does not hold every module's compiled steps at once."""
+    """Drops JAX's compiled programs after each test: on CPU every training run's programs hold
+    ~1,900 memory maps, and one pytest process that kept a module's worth of runs met Linux's
+    limit of 65,530 maps (vm.max_map_count), where XLA's next compilation segfaulted."""
     yield
+    import gc
+
     import jax
 
     jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)

@@ -388,3 +388,25 @@ def test_sigterm_near_the_end_of_a_method_stops_the_study_which_then_resumes(tmp
     document = compare.run(["detcon_b"], budget, str(tmp_path / "scenes"), output, **kwargs)
     assert [e["name"] for e in document["methods"]] == ["detcon_b"]
     assert [p["step"] for p in document["methods"][0]["runs"][0]["loss_curve"]][-1] == 2
+
+
+@pytest.mark.slow  # three tiny pretraining runs
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts Linux memory maps")
+def test_released_runs_do_not_accumulate_memory_maps(tmp_path):
+    """Each pretraining run's compiled programs (~1,900 maps on CPU) are let go once released, so
+    a study of many runs stays far below the kernel's per-process limit of 65,530 maps."""
+    from detcon.train import loop as train_loop
+
+    from conftest import tiny_config
+
+    def train_and_release(name: str) -> int:
+        config = tiny_config(batch_size=8, method="byol")
+        config.training.max_steps = 1
+        train_loop.run(config, str(tmp_path / name))
+        runner.release_compiled_programs()
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    first = train_and_release("a")
+    later = [train_and_release(name) for name in ("b", "c")]
+    assert max(later) - first < 300, (first, later)

@@ -1,5 +1,4 @@
-"""JAX's persistent compilation cache, on by default on GPU and TPU, so a resumed run skips
-recompiling."""
+"""JAX's persistent compilation cache, on by default, so a resumed run skips recompiling."""
 
 import os
 
@@ -19,19 +18,11 @@ def cache_directory() -> str:
     return os.path.abspath(os.path.expanduser(chosen))
 
 
-def enable(enabled: bool = True, platform: str | None = None) -> str | None:
-    """Points JAX's persistent cache at cache_directory() (or turns it off); returns the path.
-
-    `platform` defaults to JAX's default backend. On CPU the cache stays off: jaxlib 0.10.2 has
-    crashed the process (SIGSEGV inside `deserialize_executable`) reloading a cached XLA:CPU
-    executable, so a resume that would otherwise recompile for a minute could instead never
-    start again until the cache is deleted.
-    """
-    platform = platform or jax.default_backend()
-    if not enabled or platform == "cpu":
+def enable(enabled: bool = True) -> str | None:
+    """Points JAX's persistent cache at cache_directory() (or turns it off); returns the path."""
+    if not enabled:
         jax.config.update("jax_enable_compilation_cache", False)
-        why = "config.training.compilation_cache" if not enabled else "CPU executables"
-        logging.info("Persistent compilation cache off (%s).", why)
+        logging.info("Persistent compilation cache off (config.training.compilation_cache).")
         return None
     directory = cache_directory()
     try:
