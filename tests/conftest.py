@@ -87,18 +87,32 @@ def tiny():
     return tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _release_compiled_programs():
-    """Drops JAX's compiled programs after each test: on CPU every training run's programs hold
-    ~1,900 memory maps, and one pytest process that kept a module's worth of runs met Linux's
-    limit of 65,530 maps (vm.max_map_count), where XLA's next compilation segfaulted."""
-    yield
+def _clear_compiled_programs() -> None:
     import gc
 
     import jax
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs(request):
+    """Drops JAX's compiled programs after each test: on CPU every training run's programs hold
+    ~1,900 memory maps, and one pytest process that kept a module's worth of runs met Linux's
+    limit of 65,530 maps (vm.max_map_count), where XLA's next compilation segfaulted.
+
+    Modules marked keeps_compiled_programs share one compiled step across tests (and count its
+    traces), so theirs are dropped when the module ends instead."""
+    yield
+    if request.node.get_closest_marker("keeps_compiled_programs") is None:
+        _clear_compiled_programs()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs_of_module():
+    yield
+    _clear_compiled_programs()
 
 
 @pytest.fixture(autouse=True)

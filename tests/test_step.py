@@ -16,6 +16,9 @@ from conftest import load_config, tiny_config
 
 TOTAL_STEPS = 100
 
+# The module's fixtures compile one step that several tests run and whose traces are counted.
+pytestmark = pytest.mark.keeps_compiled_programs
+
 
 def _setup(config):
     experiment = experiment_lib.build(config, TOTAL_STEPS)
