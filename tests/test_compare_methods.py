@@ -353,6 +353,9 @@ def test_a_stop_signal_anywhere_in_the_study_is_preempted_with_a_resume_hint(tmp
     hint = stop.resume_hint(str(tmp_path), stopped.value)
     assert hint.startswith("Stopped by SIGTERM. Finished methods are kept in ")
     assert os.path.join(str(tmp_path), "runs") in hint and hint.endswith("to resume.")
+    # The trainer's own stop message is a sentence already: one full stop joins the two.
+    trainer_stop = errors.Preempted("Stopped by SIGTERM after step 1. Run it again to resume.", 15)
+    assert ".. " not in stop.resume_hint(str(tmp_path), trainer_stop)
 
 
 @pytest.mark.slow

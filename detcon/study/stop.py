@@ -36,7 +36,7 @@ def stop_on_signals() -> Iterator[None]:
 def resume_hint(output_directory: str, stop: errors.Preempted) -> str:
     """One line: the stop, what was kept and how to go on."""
     return (
-        f"{stop}. Finished methods are kept in {os.path.join(output_directory, 'results')}; "
+        f"{str(stop).rstrip('.')}. Finished methods are kept in {os.path.join(output_directory, 'results')}; "
         "unfinished pretraining runs resume from their checkpoints in "
         f"{os.path.join(output_directory, 'runs')}: run the same command to resume."
     )
