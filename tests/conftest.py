@@ -87,15 +87,6 @@ def tiny():
     return tiny_config
 
 
-def _clear_compiled_programs() -> None:
-    import gc
-
-    import jax
-
-    jax.clear_caches()
-    gc.collect()
-
-
 @pytest.fixture(autouse=True)
 def _release_compiled_programs(request):
     """Drops JAX's compiled programs after each test: on CPU every training run's programs hold
@@ -106,13 +97,17 @@ def _release_compiled_programs(request):
     traces), so theirs are dropped when the module ends instead."""
     yield
     if request.node.get_closest_marker("keeps_compiled_programs") is None:
-        _clear_compiled_programs()
+        from detcon.train import compilation_cache
+
+        compilation_cache.release_compiled_programs()
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs_of_module():
     yield
-    _clear_compiled_programs()
+    from detcon.train import compilation_cache
+
+    compilation_cache.release_compiled_programs()
 
 
 @pytest.fixture(autouse=True)

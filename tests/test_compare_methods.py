@@ -13,8 +13,8 @@ from detcon import methods as methods_lib
 from detcon.data.build import scene_render, scenes
 from detcon.study import budget as budget_lib
 from detcon.study import compare, report, runner
+from detcon.train import compilation_cache, optim
 from detcon.train import loop as train_loop
-from detcon.train import optim
 
 
 def test_every_method_gets_the_same_budget_and_keeps_its_recipe():
@@ -406,7 +406,7 @@ def test_released_runs_do_not_accumulate_memory_maps(tmp_path):
         config = tiny_config(batch_size=8, method="byol")
         config.training.max_steps = 1
         train_loop.run(config, str(tmp_path / name))
-        runner.release_compiled_programs()
+        compilation_cache.release_compiled_programs()
         with open("/proc/self/maps") as f:
             return sum(1 for _ in f)
 

@@ -5,7 +5,6 @@ reuses it; an unfinished pretraining run resumes from its checkpoint in <output>
 """
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from detcon.data import labelled
 from detcon.evaluation import features, protocols
 from detcon.study import budget as budget_lib
 from detcon.study import report
+from detcon.train import compilation_cache
 from detcon.train import experiment as experiment_lib
 from detcon.train import loop as train_loop
 from detcon.weights import torso as torso_lib
@@ -251,17 +251,6 @@ def _probe_along_the_run(
     return curve, saved[str(budget.steps)]
 
 
-def release_compiled_programs() -> None:
-    """Drops JAX's in-memory compiled programs once a run is done with them.
-
-    On CPU one pretraining run's programs hold ~1,900 memory maps (LLVM's JIT code) until JAX's
-    caches let go; a study that kept them all would meet Linux's default limit of 65,530 maps
-    (vm.max_map_count), where the next compilation segfaults.
-    """
-    jax.clear_caches()
-    gc.collect()
-
-
 def run_method(
     method: str,
     budget: budget_lib.Budget,
@@ -288,7 +277,7 @@ def run_method(
     start, cpu = time.perf_counter(), _cpu_seconds()
     train_loop.run(config, workdir)
     train_seconds, train_cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-    release_compiled_programs()  # the probes compile programs of their own
+    compilation_cache.release_compiled_programs()  # the probes compile programs of their own
     curve = _loss_curve(workdir)
     if curve and not np.isfinite(curve[-1]["objective"]):
         raise train_loop.NonFiniteLossError(
@@ -311,7 +300,7 @@ def run_method(
         probe_curve,
     )
     report.write_json(result_path(output_directory, key), entry)
-    release_compiled_programs()
+    compilation_cache.release_compiled_programs()
     return entry
 
 
@@ -343,5 +332,5 @@ def run_random_init(
         [_curve_point(0, budget.seed, results)],
     )
     report.write_json(result_path(output_directory, key), entry)
-    release_compiled_programs()
+    compilation_cache.release_compiled_programs()
     return entry

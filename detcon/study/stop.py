@@ -35,8 +35,9 @@ def stop_on_signals() -> Iterator[None]:
 
 def resume_hint(output_directory: str, stop: errors.Preempted) -> str:
     """One line: the stop, what was kept and how to go on."""
+    stopped = str(stop).rstrip(".")  # the trainer's message may already end a sentence
     return (
-        f"{str(stop).rstrip('.')}. Finished methods are kept in {os.path.join(output_directory, 'results')}; "
+        f"{stopped}. Finished methods are kept in {os.path.join(output_directory, 'results')}; "
         "unfinished pretraining runs resume from their checkpoints in "
         f"{os.path.join(output_directory, 'runs')}: run the same command to resume."
     )

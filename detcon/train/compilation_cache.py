@@ -1,5 +1,7 @@
-"""JAX's persistent compilation cache, on by default, so a resumed run skips recompiling."""
+"""JAX's compiled programs: the persistent cache, on by default, so a resumed run skips
+recompiling, and the release of in-memory programs a long process is done with."""
 
+import gc
 import os
 
 import jax
@@ -42,3 +44,14 @@ def enable(enabled: bool = True) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     logging.info("Persistent compilation cache: %s", directory)
     return directory
+
+
+def release_compiled_programs() -> None:
+    """Drops JAX's in-memory compiled programs once a run is done with them.
+
+    On CPU one pretraining run's programs hold ~1,900 memory maps (LLVM's JIT code) until JAX's
+    caches let go; a process that kept many runs' programs would meet Linux's default limit of
+    65,530 maps (vm.max_map_count), where the next compilation segfaults.
+    """
+    jax.clear_caches()
+    gc.collect()
